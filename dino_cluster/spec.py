@@ -1,0 +1,440 @@
+"""JobSpec: the typed, strict description of one DINO pretraining run.
+
+One config object per component (model, method, optim, data, checkpoint, launcher,
+evaluation, metrics), each validated where it is declared. Unknown keys, wrong types and
+impossible values are `SpecError`s naming the file, the dotted field path and the reason.
+Defaults are the reference DINO recipe (../docs: DINO-RECIPE.md); every deviation is a
+named option.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dino_cluster import specyaml
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used. `str()` names the file, the field and the reason."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {field}: {reason}" if field else f"{source}: {reason}"
+                 for field, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", validate_default=True, frozen=False)
+
+
+def _check_scale(v: list[float], name: str) -> list[float]:
+    if len(v) != 2:
+        raise ValueError(f"{name} must be two numbers [min, max]")
+    lo, hi = v
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {v}")
+    return v
+
+
+class RunSpec(_Section):
+    name: str = "dino"
+    # Local folder that holds every run's folder (resolved spec, metrics log, logs).
+    dir: str = "runs"
+    # Optional object-store URL for the run's durable state (checkpoints). Default: the run folder.
+    storage: str | None = None
+    seed: NonNegInt = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_name(cls, v: str) -> str:
+        # A run name is a name, not a path: it must not escape the run folder or bucket prefix.
+        if not _NAME_RE.match(v) or v in {".", ".."}:
+            raise ValueError(
+                "must be 1-63 characters of letters, digits, '_', '-', '.', starting with a "
+                f"letter or digit (got {v!r})"
+            )
+        return v
+
+
+class ModelSpec(_Section):
+    arch: str = "vit_small_patch16_224"  # any timm model name
+    patch_size: PositiveInt | None = 16  # None for CNNs
+    img_size: PositiveInt = 224  # the backbone's nominal size (= the global crop size)
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Optional ViT shape overrides passed to timm (tiny models for smoke runs and tests).
+    depth: PositiveInt | None = None
+    embed_dim: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
+    out_dim: PositiveInt = 65536
+    hidden_dim: PositiveInt = 2048
+    bottleneck_dim: PositiveInt = 256
+    head_layers: Annotated[int, Field(ge=1, le=8)] = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+
+
+class CropsSpec(_Section):
+    global_size: PositiveInt = 224
+    local_size: PositiveInt = 96
+    n_local: NonNegInt = 8
+    global_scale: list[float] = [0.4, 1.0]
+    local_scale: list[float] = [0.05, 0.4]
+
+    @field_validator("global_scale")
+    @classmethod
+    def _g(cls, v: list[float]) -> list[float]:
+        return _check_scale(v, "global_scale")
+
+    @field_validator("local_scale")
+    @classmethod
+    def _l(cls, v: list[float]) -> list[float]:
+        return _check_scale(v, "local_scale")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CropsSpec:
+        if self.n_local and self.local_size > self.global_size:
+            raise ValueError(
+                f"local_size ({self.local_size}) must not exceed global_size ({self.global_size})"
+            )
+        return self
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.n_local
+
+
+class MethodSpec(_Section):
+    student_temp: PositiveFloat = 0.1
+    teacher_temp: PositiveFloat = 0.04  # final teacher temperature
+    warmup_teacher_temp: PositiveFloat = 0.04
+    warmup_teacher_temp_epochs: NonNegInt = 0
+    center_momentum: Fraction = 0.9
+    teacher_momentum: Fraction = 0.996  # start of the cosine schedule
+    teacher_momentum_final: Fraction = 1.0
+    crops: CropsSpec = CropsSpec()
+    # Stop after this many consecutive non-finite losses (each is skipped and counted).
+    max_nonfinite_steps: PositiveInt = 10
+
+    @model_validator(mode="after")
+    def _momentum(self) -> MethodSpec:
+        if self.teacher_momentum > self.teacher_momentum_final:
+            raise ValueError("teacher_momentum must not exceed teacher_momentum_final")
+        return self
+
+
+class OptimSpec(_Section):
+    epochs: PositiveInt = 100
+    # When set, training stops after this many optimizer steps; the schedules still span
+    # `epochs` (so a short smoke run follows the real recipe's first steps).
+    max_steps: PositiveInt | None = None
+    global_batch: PositiveInt = 1024
+    base_lr: PositiveFloat = 5e-4
+    lr_scaling: Literal["linear", "none"] = "linear"  # lr = base_lr * global_batch / 256
+    warmup_epochs: NonNegInt = 10
+    min_lr: NonNegFloat = 1e-6
+    weight_decay: NonNegFloat = 0.04
+    weight_decay_end: NonNegFloat = 0.4
+    clip_grad: NonNegFloat = 3.0  # 0 disables clipping
+    clip_mode: Literal["per_param", "global"] = "per_param"
+    freeze_last_layer: NonNegInt = 1  # epochs
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OptimSpec:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})"
+            )
+        if self.lr_scaling == "none" and self.min_lr > self.base_lr:
+            raise ValueError("min_lr exceeds base_lr")
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        scale = self.global_batch / 256 if self.lr_scaling == "linear" else 1.0
+        return self.base_lr * scale
+
+
+class StorageSpec(_Section):
+    """Where and how to reach an object store. Never credentials: those come from the
+    environment (AWS_* variables, profiles, workload identity)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_creds(cls, v: str | None) -> str | None:
+        if v is not None and "@" in v.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("credentials in an endpoint URL are not allowed (use the environment)")
+        return v
+
+
+class DataSpec(_Section):
+    # Shards: an index.json, a brace pattern or a folder/prefix, on s3:// or file://.
+    url: str
+    num_workers: NonNegInt = 10
+    shuffle_buffer: NonNegInt = 1000
+    max_image_pixels: PositiveInt = 64_000_000
+    storage: StorageSpec = StorageSpec()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if v.startswith("pipe:"):
+            raise ValueError("pipe: URLs are not accepted from job specs")
+        return v
+
+
+class CheckpointSpec(_Section):
+    # Default: <run.storage or run.dir>/<run.name>/checkpoints
+    url: str | None = None
+    every_steps: NonNegInt = 0  # 0 = once per epoch
+    keep_last: PositiveInt = 3
+    keep_every_steps: NonNegInt = 0  # also keep every M-th step forever (0 = none)
+    resume: bool = True
+    # Signals on which rank 0 writes a checkpoint before the process goes away.
+    on_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2"]] = ["SIGTERM", "SIGUSR2"]
+    upload_retries: NonNegInt = 3
+
+
+class WorkersSpec(_Section):
+    min: PositiveInt = 1
+    max: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _range(self) -> WorkersSpec:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) exceeds max ({self.max})")
+        return self
+
+
+class RayLauncherSpec(_Section):
+    address: str | None = None  # None = start an embedded local Ray
+    dashboard_host: str = "127.0.0.1"
+    max_failures: NonNegInt = 3
+    startup_timeout_s: PositiveFloat = 600.0
+    runtime_env: dict[str, Any] = {}
+
+
+class SlurmLauncherSpec(_Section):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: PositiveInt = 60 * 24
+    mem_gb: PositiveInt | None = None
+    cpus_per_task: PositiveInt = 10
+    folder: str = "runs/slurm"  # shared path for submitit logs and pickles
+    max_requeues: NonNegInt = 20
+    additional_parameters: dict[str, str | int] = {}
+    setup: list[str] = []
+
+
+class KubeRaySpec(_Section):
+    namespace: str = "default"
+    image: str = "rayproject/ray:2.40.0-py311-gpu"
+    service_account: str | None = None
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, str]] = []
+    s3_secret_name: str | None = None  # an existing Secret with AWS_* keys
+
+
+class LauncherSpec(_Section):
+    backend: Literal["local", "ray", "kuberay", "slurm"] = "local"
+    nodes: PositiveInt = 1
+    gpus_per_node: NonNegInt = 0  # 0 = CPU workers (gloo)
+    cpus_per_worker: PositiveInt = 1
+    # Local/CPU world size when no GPUs: number of worker processes per node.
+    procs_per_node: PositiveInt = 1
+    workers: WorkersSpec | None = None  # elastic range (Ray); None = fixed world size
+    ray: RayLauncherSpec = RayLauncherSpec()
+    slurm: SlurmLauncherSpec = SlurmLauncherSpec()
+    kuberay: KubeRaySpec = KubeRaySpec()
+
+    @property
+    def world_size(self) -> int:
+        per_node = self.gpus_per_node if self.gpus_per_node else self.procs_per_node
+        return self.nodes * per_node
+
+
+class EvaluationSpec(_Section):
+    enabled: bool = False
+    kinds: list[Literal["knn", "linear"]] = ["knn"]
+    train_url: str | None = None
+    val_url: str | None = None
+    knn_k: list[PositiveInt] = [10, 20, 100, 200]
+    knn_temperature: PositiveFloat = 0.07
+    linear_epochs: PositiveInt = 100
+    gpus: NonNegInt = 0
+    cpus: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _urls(self) -> EvaluationSpec:
+        if self.enabled and not (self.train_url and self.val_url):
+            raise ValueError("train_url and val_url are required when evaluation is enabled")
+        return self
+
+
+class MetricsSpec(_Section):
+    log_every_steps: PositiveInt = 10
+    prometheus: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = pick a free port
+
+
+class JobSpec(_Section):
+    run: RunSpec = RunSpec()
+    model: ModelSpec = ModelSpec()
+    method: MethodSpec = MethodSpec()
+    optim: OptimSpec = OptimSpec()
+    data: DataSpec
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    launcher: LauncherSpec = LauncherSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    metrics: MetricsSpec = MetricsSpec()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> JobSpec:
+        world = self.launcher.world_size
+        if self.launcher.workers is None and self.optim.global_batch % world:
+            raise ValueError(
+                f"optim.global_batch ({self.optim.global_batch}) is not divisible by the world "
+                f"size ({world} = launcher.nodes x per-node workers)"
+            )
+        if self.model.patch_size and self.method.crops.local_size % self.model.patch_size:
+            raise ValueError(
+                f"method.crops.local_size ({self.method.crops.local_size}) is not a multiple of "
+                f"model.patch_size ({self.model.patch_size})"
+            )
+        return self
+
+    # -- derived locations -------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    @property
+    def checkpoint_url(self) -> str:
+        if self.checkpoint.url:
+            return self.checkpoint.url
+        if self.run.storage:
+            return f"{self.run.storage.rstrip('/')}/{self.run.name}/checkpoints"
+        return str((self.run_dir / "checkpoints").resolve())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _reason(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required field is missing"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if kind.endswith("_type") or kind in {"literal_error"}:
+        return f"{msg} (got {err.get('input')!r})"
+    return msg
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) onto a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(source, [(f"--set {item}", "expected KEY=VALUE")])
+        key, _, raw = item.partition("=")
+        path = key.strip().split(".")
+        if not all(path):
+            raise SpecError(source, [(f"--set {item}", "empty key segment")])
+        try:
+            value = specyaml.parse_scalar(raw)
+        except specyaml.SpecYAMLError as exc:
+            raise SpecError(source, [(f"--set {key}", exc.reason)]) from None
+        node = doc
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise SpecError(
+                    source, [(f"--set {key}", f"{'.'.join(path[: i + 1])} is not a section")]
+                )
+            node = nxt
+        node[path[-1]] = value
+    return doc
+
+
+def spec_from_dict(doc: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(doc, dict):
+        raise SpecError(source, [("", "a job spec must be a YAML mapping at the top level")])
+    try:
+        return JobSpec.model_validate(doc)
+    except ValidationError as exc:
+        problems = [(_dotted(e["loc"]) or "(top level)", _reason(e)) for e in exc.errors()]
+        raise SpecError(source, problems) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job spec file. Raises SpecError (a ValueError)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(source, [("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(source, [("", f"cannot read: {exc}")]) from None
+    try:
+        doc = specyaml.loads(text)
+    except specyaml.SpecYAMLError as exc:
+        raise SpecError(source, [("", str(exc))]) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise SpecError(source, [("", "a job spec must be a YAML mapping at the top level")])
+    if overrides:
+        doc = apply_overrides(doc, overrides, source)
+    return spec_from_dict(doc, source)
+
+
+def write_resolved(spec: JobSpec, run_dir: Path) -> Path:
+    """Write the fully resolved spec into the run folder (atomically)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "spec.resolved.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(spec.to_yaml(), encoding="utf-8")
+    tmp.replace(target)
+    return target

@@ -1,0 +1,321 @@
+"""The per-rank DINO training loop that every backend calls.
+
+Read top to bottom: build student/teacher/loss/optimizer from the spec, build the data
+stream, resume from the latest committed checkpoint (by step), then for every step:
+schedules -> student on all crops, teacher on the 2 global crops -> DINO loss -> skip if
+non-finite -> backward, clip, freeze last layer -> optimizer step -> EMA teacher ->
+metrics at cadence -> checkpoint at cadence or on a launcher signal.
+
+Nothing here knows who launched it: the launcher passes an optional `report` hook (Ray uses
+it) and the environment tells us our rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.data import build_train_stream
+from dino_cluster.dino.augment import MultiCropAugment
+from dino_cluster.dino.loss import DINOLoss
+from dino_cluster.dino.model import MultiCropWrapper, build_student_teacher
+from dino_cluster.dino.optim import (
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients,
+    ema_update,
+    param_groups,
+)
+from dino_cluster.dino.schedules import cosine_schedule, teacher_temp_schedule
+from dino_cluster.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NullSink
+from dino_cluster.spec import JobSpec, write_resolved
+from dino_cluster.storage import StorageOptions
+from dino_cluster.train import rng
+from dino_cluster.train.distributed import DistInfo, all_reduce_max, init_distributed
+from dino_cluster.train.signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+ReportHook = Callable[[dict[str, float], int | None], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `method.max_nonfinite_steps` consecutive non-finite losses."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "stopped" (signal) | "max_steps"
+    step: int
+    epoch: int
+    skipped_steps: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def storage_options(spec: JobSpec) -> StorageOptions:
+    s = spec.data.storage
+    return StorageOptions(endpoint_url=s.endpoint_url, region=s.region, profile=s.profile)
+
+
+def _precision(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    choice = spec.optim.precision
+    if device.type != "cuda":
+        if choice in ("fp16", "bf16"):
+            log.warning("precision %s requested on CPU: training in fp32", choice)
+        return None, False
+    if choice == "auto":
+        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if choice == "bf16":
+        return torch.bfloat16, False
+    if choice == "fp16":
+        return torch.float16, True
+    return None, False
+
+
+def build_models(spec: JobSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    m = spec.model
+    shape = {k: v for k, v in (("depth", m.depth), ("embed_dim", m.embed_dim),
+                               ("num_heads", m.num_heads)) if v is not None}
+    return build_student_teacher(
+        m.arch, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate, img_size=m.img_size,
+        out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
+        nlayers=m.head_layers, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
+        **shape,
+    )
+
+
+def build_augment(spec: JobSpec) -> MultiCropAugment:
+    c = spec.method.crops
+    return MultiCropAugment(
+        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
+        global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale),
+    )
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def _metrics_sink(spec: JobSpec, info: DistInfo, total_steps: int) -> MetricsSink:
+    if not info.is_main:
+        return NullSink()
+    return MultiSink([JsonlSink(spec.run_dir / "metrics.jsonl"), ConsoleSink(total_steps)])
+
+
+def train(
+    spec: JobSpec,
+    *,
+    report: ReportHook | None = None,
+    stop: StopRequest | None = None,
+    install_signal_handlers: bool = True,
+) -> TrainResult:
+    info = init_distributed(use_gpu=spec.launcher.gpus_per_node > 0 and torch.cuda.is_available())
+    device = info.device
+    if info.is_main:
+        write_resolved(spec, spec.run_dir)
+
+    # Same seed on every rank for the weights (DDP would broadcast them anyway); the
+    # per-rank stream of randomness (drop path) is seeded after model construction.
+    torch.manual_seed(spec.run.seed)
+    student, teacher = build_models(spec)
+    student.to(device)
+    teacher.to(device)
+    dino_loss = DINOLoss(spec.model.out_dim, spec.method.crops.n_crops,
+                         student_temp=spec.method.student_temp,
+                         center_momentum=spec.method.center_momentum).to(device)
+    optimizer = build_optimizer(param_groups(student), lr=0.0)
+    amp_dtype, use_scaler = _precision(spec, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    rng.seed_all(spec.run.seed + info.rank)
+
+    ckpt = CheckpointManager(
+        spec.checkpoint_url, storage_options=storage_options(spec),
+        keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every_steps,
+        upload_retries=spec.checkpoint.upload_retries, is_writer=info.is_main,
+    )
+    step, data_state = 0, None
+    if spec.checkpoint.resume:
+        loaded = ckpt.load(map_location="cpu")
+        if loaded is not None:
+            step, state = loaded
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            dino_loss.load_state_dict(state["dino_loss"])
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            meta = state["meta"]
+            data_state = meta.get("data_position")
+            # RNG streams continue where they were only when the world is unchanged.
+            if meta.get("world_size") == info.world_size and meta.get("rng"):
+                rng.set_state(meta["rng"], rank=info.rank)
+            if info.is_main:
+                log.info("resumed from step %d (written at world size %s, now %d)", step,
+                         meta.get("world_size"), info.world_size)
+
+    stream = build_train_stream(
+        spec.data.url, transform=build_augment(spec), global_batch=spec.optim.global_batch,
+        rank=info.rank, world_size=info.world_size, num_workers=spec.data.num_workers,
+        seed=spec.run.seed, shuffle_buffer=spec.data.shuffle_buffer,
+        storage_options=storage_options(spec), state=data_state,
+        max_image_pixels=spec.data.max_image_pixels,
+    )
+    ipe = stream.iters_per_epoch
+    if ipe < 1:
+        raise ValueError(
+            f"{spec.data.url}: fewer samples than one global batch ({spec.optim.global_batch})"
+        )
+    o, me = spec.optim, spec.method
+    epochs = o.epochs
+    total_steps = epochs * ipe
+    end_step = min(total_steps, o.max_steps) if o.max_steps else total_steps
+    lr_sched = cosine_schedule(o.peak_lr, o.min_lr, epochs, ipe, warmup_epochs=o.warmup_epochs)
+    wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, ipe)
+    mom_sched = cosine_schedule(me.teacher_momentum, me.teacher_momentum_final, epochs, ipe)
+    temp_sched = teacher_temp_schedule(me.warmup_teacher_temp, me.teacher_temp,
+                                       me.warmup_teacher_temp_epochs, epochs, ipe)
+
+    model: torch.nn.Module = student
+    if info.distributed:
+        model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop = stop or StopRequest()
+    if install_signal_handlers:
+        stop.install(spec.checkpoint.on_signals)
+    sink = _metrics_sink(spec, info, end_step)
+    every = spec.checkpoint.every_steps
+
+    def save(at_step: int, epoch: int, blocking: bool = False) -> None:
+        state: dict[str, Any] = {
+            "student": _unwrap(model).state_dict(),
+            "teacher": teacher.state_dict(),
+            "dino_loss": dino_loss.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if use_scaler else {},
+            "meta": {
+                "step": at_step, "epoch": epoch, "world_size": info.world_size,
+                "data_position": stream.state_dict(), "rng": rng.get_state(),
+                "spec": spec.model_dump(mode="json"), "iters_per_epoch": ipe,
+            },
+        }
+        t0 = time.perf_counter()
+        ckpt.save(at_step, state, blocking=blocking)
+        last["checkpoint_stall_s"] = time.perf_counter() - t0
+
+    last: dict[str, float] = {}
+    skipped = consecutive_bad = 0
+    status = "completed"
+    epoch = step // ipe
+    window_t0, window_imgs, data_wait = time.perf_counter(), 0, 0.0
+    try:
+        while step < end_step and status == "completed":
+            epoch = step // ipe
+            batches = stream.epoch_iter(epoch)
+            t_fetch = time.perf_counter()
+            step_at_epoch_start = step
+            for crops in batches:
+                data_wait += time.perf_counter() - t_fetch
+                it = step  # global iteration index into the schedules
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_sched[it])
+                    if group.get("name") == "regularized":  # biases and norms keep 0
+                        group["weight_decay"] = float(wd_sched[it])
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype
+                            else contextlib.nullcontext())
+                center_before = dino_loss.center.clone()
+                with autocast:
+                    teacher_out = teacher(crops[:2])
+                    student_out = model(crops)
+                    loss = dino_loss(student_out, teacher_out, float(temp_sched[it]))
+
+                # One host sync per step: every rank must agree to skip, or DDP would hang.
+                bad = all_reduce_max((~torch.isfinite(loss.detach())).float().reshape(1))
+                if bad.item() > 0:
+                    dino_loss.center.copy_(center_before)
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    consecutive_bad += 1
+                    log.warning("non-finite loss at step %d: step skipped (%d in a row)",
+                                step, consecutive_bad)
+                    if consecutive_bad >= me.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{consecutive_bad} consecutive non-finite losses at step {step}: "
+                            "stopping. Try precision bf16/fp32, a lower optim.base_lr, "
+                            "optim.clip_grad, or a longer teacher-temperature warm-up."
+                        )
+                else:
+                    consecutive_bad = 0
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if o.clip_grad > 0:
+                        scaler.unscale_(optimizer)
+                        clip_gradients(_unwrap(model), o.clip_grad, mode=o.clip_mode)
+                    cancel_last_layer_gradients(_unwrap(model), epoch, o.freeze_last_layer)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    ema_update(teacher, _unwrap(model), float(mom_sched[it]))
+
+                step += 1
+                window_imgs += o.global_batch
+                if step % spec.metrics.log_every_steps == 0 or step == end_step:
+                    elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                    ent = dino_loss.last_teacher_entropy
+                    last.update({
+                        "epoch": float(epoch), "loss": float(loss.detach()),
+                        "lr": float(lr_sched[it]), "weight_decay": float(wd_sched[it]),
+                        "teacher_momentum": float(mom_sched[it]),
+                        "teacher_temp": float(temp_sched[it]),
+                        "teacher_entropy": float(ent) if ent is not None else float("nan"),
+                        "images_per_s": window_imgs / elapsed,
+                        "data_wait_frac": min(data_wait / elapsed, 1.0),
+                        "skipped_steps": float(skipped),
+                        "bad_samples": float(sum(stream.bad_samples.values())),
+                    })
+                    sink.log(step, last)
+                    window_t0, window_imgs, data_wait = time.perf_counter(), 0, 0.0
+
+                at_epoch_end = step % ipe == 0
+                due = (every and step % every == 0) or (not every and at_epoch_end)
+                if stop.requested:
+                    status = "stopped"
+                    save(step, step // ipe, blocking=True)
+                    break
+                if step >= end_step:
+                    status = "completed" if end_step == total_steps else "max_steps"
+                    break
+                if due:
+                    save(step, step // ipe)
+                    if report is not None:
+                        report(dict(last), step)
+                elif report is not None and step % spec.metrics.log_every_steps == 0:
+                    report(dict(last), None)
+                t_fetch = time.perf_counter()
+            else:
+                if step == step_at_epoch_start:
+                    raise RuntimeError(f"the data stream yielded no batch for epoch {epoch}")
+                continue
+            break
+        if status in ("completed", "max_steps"):
+            save(step, step // ipe, blocking=True)
+            if report is not None:
+                report(dict(last), step)
+    finally:
+        ckpt.close()
+        sink.close()
+        if install_signal_handlers:
+            stop.restore()
+    if ckpt.last_error is not None and info.is_main:
+        log.error("some checkpoint uploads failed: %s", ckpt.last_error)
+    return TrainResult(status=status, step=step, epoch=step // ipe, skipped_steps=skipped,
+                       last_metrics=last)
+
