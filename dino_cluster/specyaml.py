@@ -69,9 +69,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 # Tags other than the plain core ones are refused: SafeLoader already refuses python/* tags,
 # and we remove the timestamp/binary/set/omap resolvers' constructors' reach by not adding any.
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789.")
-)
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
 def _reject_unknown_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:

@@ -22,7 +22,9 @@ for _path in sorted((_here / "fixtures").glob("*.py")):
     _mod = importlib.import_module(f"fixtures.{_path.stem}")
     for _name in dir(_mod):
         _obj = getattr(_mod, _name)
-        if hasattr(_obj, "_pytestfixturefunction") or type(_obj).__name__ == "FixtureFunctionDefinition":
+        if type(_obj).__name__ == "FixtureFunctionDefinition" or hasattr(
+            _obj, "_pytestfixturefunction"
+        ):
             globals()[_name] = _obj
 
 

@@ -51,7 +51,10 @@ def test_paper_recipes_numbers() -> None:
 def test_defaults_are_the_reference_recipe(tmp_path: Path) -> None:
     s = load_spec(write(tmp_path, "data: {url: x}\n"))
     assert (s.method.student_temp, s.method.teacher_temp, s.method.center_momentum) == (
-        0.1, 0.04, 0.9)
+        0.1,
+        0.04,
+        0.9,
+    )
     assert (s.method.teacher_momentum, s.method.teacher_momentum_final) == (0.996, 1.0)
     assert (s.optim.base_lr, s.optim.min_lr, s.optim.warmup_epochs) == (5e-4, 1e-6, 10)
     assert (s.optim.weight_decay, s.optim.weight_decay_end, s.optim.clip_grad) == (0.04, 0.4, 3.0)
@@ -64,8 +67,15 @@ def test_defaults_are_the_reference_recipe(tmp_path: Path) -> None:
 
 def test_set_overrides_and_yaml12_floats(tmp_path: Path) -> None:
     p = write(tmp_path, GOOD)
-    s = load_spec(p, ["optim.epochs=7", "optim.min_lr=1e-5", "model.norm_last_layer=false",
-                      "method.crops.local_scale=[0.1, 0.3]"])
+    s = load_spec(
+        p,
+        [
+            "optim.epochs=7",
+            "optim.min_lr=1e-5",
+            "model.norm_last_layer=false",
+            "method.crops.local_scale=[0.1, 0.3]",
+        ],
+    )
     assert s.optim.epochs == 7 and s.optim.min_lr == 1e-5
     assert s.model.norm_last_layer is False and s.method.crops.local_scale == [0.1, 0.3]
     assert isinstance(s.optim.base_lr, float) and s.optim.base_lr == 5e-4
@@ -78,26 +88,53 @@ BAD = [
     ("wrong type str for int", ("epochs: 1", "epochs: ten"), "optim.epochs", "integer"),
     ("float for int", ("global_batch: 8", "global_batch: 8.5"), "optim.global_batch", "integer"),
     ("negative lr", ("base_lr: 5e-4", "base_lr: -1.0"), "optim.base_lr", "greater than 0"),
-    ("scale out of range", ("n_local: 2}", "n_local: 2, global_scale: [0.4, 1.5]}"),
-     "method.crops.global_scale", "0 < min <= max <= 1"),
-    ("local bigger than global", ("local_size: 16", "local_size: 64"), "method.crops",
-     "must not exceed"),
-    ("bad backend", ("optim:", "launcher: {backend: yarn}\noptim:"), "launcher.backend",
-     "'local'"),
-    ("warmup longer than training", ("warmup_epochs: 0", "warmup_epochs: 5"), "optim",
-     "warmup_epochs (5) exceeds epochs (1)"),
-    ("batch not divisible by world", ("optim:", "launcher: {procs_per_node: 3}\noptim:"),
-     "global_batch", "not divisible"),
+    (
+        "scale out of range",
+        ("n_local: 2}", "n_local: 2, global_scale: [0.4, 1.5]}"),
+        "method.crops.global_scale",
+        "0 < min <= max <= 1",
+    ),
+    (
+        "local bigger than global",
+        ("local_size: 16", "local_size: 64"),
+        "method.crops",
+        "must not exceed",
+    ),
+    ("bad backend", ("optim:", "launcher: {backend: yarn}\noptim:"), "launcher.backend", "'local'"),
+    (
+        "warmup longer than training",
+        ("warmup_epochs: 0", "warmup_epochs: 5"),
+        "optim",
+        "warmup_epochs (5) exceeds epochs (1)",
+    ),
+    (
+        "batch not divisible by world",
+        ("optim:", "launcher: {procs_per_node: 3}\noptim:"),
+        "global_batch",
+        "not divisible",
+    ),
     ("run name escaping", ("name: t1", "name: ../evil"), "run.name", "letters, digits"),
     ("duplicate key", ("optim:", "model: {}\noptim:"), "duplicate key 'model'", "line"),
-    ("missing data", ("data: {url: data/none/index.json, num_workers: 0}\n", ""), "data",
-     "required"),
+    (
+        "missing data",
+        ("data: {url: data/none/index.json, num_workers: 0}\n", ""),
+        "data",
+        "required",
+    ),
     ("python tag", ("epochs: 1", "epochs: !!python/object:os.system 1"), "job.yaml", "tag"),
-    ("elastic min > max", ("optim:", "launcher: {workers: {min: 4, max: 2}}\noptim:"),
-     "launcher.workers", "min (4) exceeds max (2)"),
+    (
+        "elastic min > max",
+        ("optim:", "launcher: {workers: {min: 4, max: 2}}\noptim:"),
+        "launcher.workers",
+        "min (4) exceeds max (2)",
+    ),
     ("pipe url", ("url: data/none/index.json", "url: 'pipe:curl x'"), "data.url", "pipe:"),
-    ("bool as string", ("optim:", "checkpoint: {resume: 'yes'}\noptim:"), "checkpoint.resume",
-     "boolean"),
+    (
+        "bool as string",
+        ("optim:", "checkpoint: {resume: 'yes'}\noptim:"),
+        "checkpoint.resume",
+        "boolean",
+    ),
 ]
 
 
@@ -131,7 +168,7 @@ def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
 def test_alias_bomb_refused(tmp_path: Path) -> None:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 12):
-        prev = f"*a{i-1}"
+        prev = f"*a{i - 1}"
         lines.append(f"a{i}: &a{i} [{', '.join([prev] * 9)}]")
     with pytest.raises(SpecError, match="aliases"):
         load_spec(write(tmp_path, "\n".join(lines) + "\n"))
@@ -139,8 +176,13 @@ def test_alias_bomb_refused(tmp_path: Path) -> None:
 
 def test_console_script_exit_code(tmp_path: Path) -> None:
     p = write(tmp_path, GOOD.replace("epochs: 1", "epochs: 0"))
-    proc = subprocess.run([sys.executable, "-m", "dino_cluster.cli", "validate", str(p)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dino_cluster.cli", "validate", str(p)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "optim.epochs" in proc.stderr and "greater than 0" in proc.stderr
 

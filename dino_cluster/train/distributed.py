@@ -57,8 +57,9 @@ def init_distributed(use_gpu: bool | None = None) -> DistInfo:
             backend = "nccl" if use_gpu else "gloo"
             if use_gpu:
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank,
-                                    world_size=world)
+            dist.init_process_group(
+                backend=backend, init_method="env://", rank=rank, world_size=world
+            )
     if use_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -1,0 +1,169 @@
+"""Multi-crop samples per second per CPU core: our shard pipeline vs the reference augmentation.
+
+Both sides see the same real JPEGs: scikit-image's public-domain colour photos, cropped and
+resized to ImageNet-like size (500x375 / 375x500) and re-encoded as JPEG.
+
+  reference : bytes -> PIL decode -> RGB -> MultiCropAugment (PIL + torchvision, the recipe)
+  ours      : shards -> TrainStream (tar read, shuffle, decode, transform, batching) with
+              dino_cluster.dino.augment_fast if it exists, else with MultiCropAugment (then the
+              ratio shows only the pipeline's overhead, and the output says so)
+
+One process, one torch thread, no data workers, timed in CPU seconds of this process
+(time.process_time): samples per CPU-second is samples/s per core, and other load on the
+machine does not count against either side. Not a test.
+
+    python benchmarks/data_pipeline.py [--images 48] [--samples 160] [--n-local 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dino_cluster.data import build_train_stream, pack
+from dino_cluster.dino.augment import MultiCropAugment
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = (500, 375) if i % 3 else (375, 500)
+        scale = rng.uniform(0.6, 1.0)
+        cw = int(min(photo.width, photo.height * w / h) * scale)
+        ch = int(cw * h / w)
+        x = int(rng.integers(0, photo.width - cw + 1))
+        y = int(rng.integers(0, photo.height - ch + 1))
+        img = photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def find_fast(n_local: int):
+    if importlib.util.find_spec("dino_cluster.dino.augment_fast") is None:
+        return None, "dino_cluster/dino/augment_fast.py does not exist"
+    mod = importlib.import_module("dino_cluster.dino.augment_fast")
+    classes = [
+        obj
+        for name, obj in vars(mod).items()
+        if inspect.isclass(obj) and obj.__module__ == mod.__name__ and "MultiCrop" in name
+    ]
+    if not classes:
+        return None, "augment_fast.py has no *MultiCrop* class"
+    cls = sorted(classes, key=lambda c: ("Fast" not in c.__name__, c.__name__))[0]
+    try:
+        fast = cls(n_local=n_local)
+    except TypeError:
+        fast = cls()
+    if getattr(fast, "draft", False) and not hasattr(fast, "lazy_decode"):
+        # It decodes JPEGs at reduced scale when handed an image whose pixels are not decoded
+        # yet; `lazy_decode` is how the stream learns to hand it one (see data/reader.py).
+        fast.lazy_decode = True
+    return fast, cls.__name__
+
+
+def bench_reference(jpegs: list[bytes], samples: int, aug) -> float:
+    for b in jpegs[:4]:  # warm-up
+        aug(Image.open(io.BytesIO(b)).convert("RGB"))
+    start = time.process_time()
+    for i in range(samples):
+        aug(Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB"))
+    return samples / (time.process_time() - start)
+
+
+def bench_pipeline(shards: Path, samples: int, transform) -> float:
+    batch = 16
+    stream = build_train_stream(
+        str(shards),
+        transform=transform,
+        global_batch=batch,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=0,
+        shuffle_buffer=64,
+    )
+    done, epoch, start = 0, 0, None
+    while done < samples:
+        for _ in stream.epoch_iter(epoch):
+            if start is None:  # first batch = warm-up (opens shards, first decodes)
+                start = time.process_time()
+                continue
+            done += batch
+            if done >= samples:
+                break
+        epoch += 1
+    return done / (time.process_time() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=160)
+    parser.add_argument("--n-local", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # per-core figures
+
+    jpegs = make_jpegs(args.images)
+    reference = MultiCropAugment(n_local=args.n_local)
+    fast, fast_name = find_fast(args.n_local)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "jpegs" / "photos"
+        folder.mkdir(parents=True)
+        for i, b in enumerate(jpegs):
+            (folder / f"{i:04d}.jpg").write_bytes(b)
+        shards = Path(tmp) / "shards"
+        pack(str(folder.parent), str(shards), max_samples_per_shard=16, progress=False)
+
+        ours_transform = fast if fast is not None else reference
+        # Alternate and keep the best round (cache and frequency effects of other load).
+        ref_rate = ours_rate = plain_rate = 0.0
+        for _ in range(args.rounds):
+            ref_rate = max(ref_rate, bench_reference(jpegs, args.samples, reference))
+            ours_rate = max(ours_rate, bench_pipeline(shards, args.samples, ours_transform))
+            if fast is not None:  # the pipeline's own overhead, with the reference transform
+                plain_rate = max(plain_rate, bench_pipeline(shards, args.samples, reference))
+
+    mean_kb = sum(map(len, jpegs)) / len(jpegs) / 1024
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, 1 thread, "
+          f"{os.cpu_count()} CPUs on this machine")  # fmt: skip
+    print(f"{len(jpegs)} JPEGs ~500x375 (mean {mean_kb:.0f} KiB), 2 global 224 + "
+          f"{args.n_local} local 96 crops, {args.samples} samples each")  # fmt: skip
+    print(f"reference (PIL decode + MultiCropAugment)   : {ref_rate:8.1f} samples/s/core")
+    if fast is not None:
+        print(f"ours (TrainStream + {fast_name:<22}): {ours_rate:8.1f} samples/s/core")
+        print(f"ratio ours / reference                      : {ours_rate / ref_rate:8.2f}x")
+        print(f"(TrainStream + MultiCropAugment             : {plain_rate:8.1f} samples/s/core,"
+              f" pipeline overhead alone {plain_rate / ref_rate:.2f}x)")  # fmt: skip
+    else:
+        print(f"ours (TrainStream + MultiCropAugment)       : {ours_rate:8.1f} samples/s/core")
+        print(f"ratio ours / reference                      : {ours_rate / ref_rate:8.2f}x")
+        print(
+            f"note: {fast_name}; 'ours' uses the reference augmentation, so the ratio "
+            "measures only the shard pipeline's overhead (read, shuffle, decode, batch)."
+        )
+
+
+if __name__ == "__main__":
+    main()

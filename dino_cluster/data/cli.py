@@ -1,0 +1,143 @@
+"""`dino-cluster data ...`: pack images into shards, inspect a shard set.
+
+Mounted by the top-level CLI as the `data` sub-command. User errors exit with code 2 and a
+one-line message; storage failures (after retries) exit with code 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from typing import NoReturn
+
+import typer
+
+from dino_cluster.data.decode import BadSample, decode_sample
+from dino_cluster.data.pack import pack
+from dino_cluster.data.shards import resolve_shards
+from dino_cluster.data.tario import ShardReadError, iter_records
+from dino_cluster.storage import StorageError, StorageOptions, open_store
+
+app = typer.Typer(
+    help="Pack images into WebDataset shards and inspect shard sets.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9}
+_UNITS |= {"gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64MiB', '1.5GB', '4096' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"invalid shard size {text!r} (examples: 64MiB, 500MB, 1GiB, 1048576)")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise ValueError(f"shard size {text!r} must be at least 1 byte")
+    return value
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _options(endpoint_url: str | None, region: str | None, profile: str | None):
+    if not (endpoint_url or region or profile):
+        return None
+    return StorageOptions(endpoint_url=endpoint_url, region=region, profile=profile)
+
+
+_ENDPOINT = typer.Option(None, "--endpoint-url", help="S3 endpoint (else AWS_ENDPOINT_URL).")
+_REGION = typer.Option(None, "--region", help="S3 region.")
+_PROFILE = typer.Option(None, "--profile", help="AWS profile name (credentials stay there).")
+
+
+@app.command("pack")
+def pack_cmd(
+    src: str = typer.Argument(
+        ..., help="Image folder (class = sub-folder), list file, or Fashion-MNIST IDX folder."
+    ),
+    dest: str = typer.Argument(..., help="Destination folder, file:// or s3:// URL."),
+    shard_size: str = typer.Option("64MiB", "--shard-size", help="Target shard size."),
+    max_samples_per_shard: int | None = typer.Option(None, "--max-samples-per-shard"),
+    image_format: str = typer.Option("jpg", "--format", help="jpg or png."),
+    limit: int | None = typer.Option(None, "--limit", help="Pack only the first N images."),
+    split: str = typer.Option("train", "--split", help="IDX split: train or test."),
+    endpoint_url: str | None = _ENDPOINT,
+    region: str | None = _REGION,
+    profile: str | None = _PROFILE,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Pack images into shard-000000.tar, ... plus index.json at DEST."""
+    try:
+        size = parse_size(shard_size)
+        index = pack(
+            src,
+            dest,
+            shard_size_bytes=size,
+            max_samples_per_shard=max_samples_per_shard,
+            image_format=image_format,
+            limit=limit,
+            split=split,
+            storage_options=_options(endpoint_url, region, profile),
+            progress=progress and sys.stderr.isatty(),
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    except StorageError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(
+        f"packed {index['total_samples']} images into {len(index['shards'])} shards at {dest}"
+        + (f" ({index['skipped_sources']} unreadable skipped)" if index["skipped_sources"] else "")
+    )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    url: str = typer.Argument(..., help="index.json, brace pattern, or folder/prefix URL."),
+    check: int = typer.Option(8, "--check", help="Decode this many samples of the first shard."),
+    endpoint_url: str | None = _ENDPOINT,
+    region: str | None = _REGION,
+    profile: str | None = _PROFILE,
+) -> None:
+    """Show shard count and samples, and decode a few samples as a check."""
+    options = _options(endpoint_url, region, profile)
+    try:
+        shards = resolve_shards(url, options)
+        typer.echo(
+            f"{shards.root_url}: {len(shards.shards)} shards, {shards.total_samples} samples"
+        )
+        if shards.classes:
+            typer.echo(f"classes ({len(shards.classes)}): {', '.join(shards.classes[:20])}")
+        if check <= 0:
+            return
+        first = shards.shards[0].name
+        ok, problems, sizes = 0, [], set()
+        store = open_store(shards.root_url, options)
+        with store.open_read(first) as f:
+            try:
+                for rec in itertools.islice(iter_records(f), check):
+                    try:
+                        sample = decode_sample(rec.fields, max_pixels=64_000_000)
+                        ok += 1
+                        sizes.add(sample.image.size)
+                    except BadSample as bad:
+                        problems.append(f"{rec.key}: {bad}")
+            except ShardReadError as exc:
+                problems.append(f"shard broken: {exc}")
+    except ValueError as exc:
+        _fail(str(exc))
+    except StorageError as exc:
+        _fail(str(exc), code=1)
+    tried = ok + len([p for p in problems if not p.startswith("shard broken")])
+    shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
+    typer.echo(f"decoded {ok}/{tried} samples from {first} (sizes: {shown or '-'})")
+    for problem in problems:
+        typer.echo(f"  bad: {problem}")
+    if problems:
+        raise typer.Exit(1)

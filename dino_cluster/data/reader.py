@@ -1,0 +1,223 @@
+"""The per-worker side of the stream: read assigned shards, decode, transform, emit chunks.
+
+Runs inside a DataLoader worker process (or in the main process when num_workers=0). Each
+emitted item is `(crops, meta)`: `crops` is a list over crop index of stacked tensors (or None
+for an events-only item), `meta` carries, per sample, the shard, the record position in that
+shard's emission order, key, label and whether it is an untracked repeat, plus the shards this
+worker finished and the bad samples it met since the previous item. The main process turns
+that into batches and the data position.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dino_cluster.data.decode import BadSample, decode_sample
+from dino_cluster.data.position import WorkerTask, stable_seed
+from dino_cluster.data.tario import DEFAULT_MAX_MEMBER_BYTES, ShardReadError, iter_records
+from dino_cluster.storage import StorageError, StorageOptions, open_store
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], list[torch.Tensor]]
+# A transform that fails on this many samples in a row, with no success yet, is a bug in code
+# or configuration, not bad data: stop instead of silently skipping the whole dataset.
+_MAX_TRANSFORM_FAILURES = 50
+
+
+def wants_lazy_image(transform: Transform) -> bool:
+    """A transform with `lazy_decode = True` gets the image opened but not decoded (size
+    already checked, any mode) so it can decode at reduced scale itself (PIL `draft`)."""
+    return bool(getattr(transform, "lazy_decode", False))
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training at all (e.g. no decodable sample anywhere)."""
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    root_url: str
+    storage_options: StorageOptions | None
+    samples: dict[str, int]  # expected samples per shard (from the index)
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    transform: Transform
+    max_pixels: int
+    chunk_size: int  # = per-rank batch: workers emit whole batches except their last item
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+
+
+# ("bad", sample id, reason, detail, count) | ("ok", pos, key, DecodedSample)
+_Event = tuple
+
+
+def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle buffer: keep up to `size` items, emit a random one per new item."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = rng.randrange(size)
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def read_shard(store, ctx: ReadContext, name: str, pass_no: int, skip: int) -> Iterator[_Event]:
+    """Events for one shard in its fixed emission order (records before `skip` not decoded)."""
+    expected = ctx.samples.get(name)
+    member_bad: list[_Event] = []
+    state = {"read": 0, "error": None}
+
+    def on_bad(reason: str, member: str) -> None:
+        member_bad.append(("bad", f"{name}/{member}", reason, "refused tar member", 1))
+
+    def records():
+        try:
+            with store.open_read(name) as f:
+                for rec in iter_records(f, on_bad=on_bad, max_member_bytes=ctx.max_member_bytes):
+                    state["read"] += 1
+                    yield rec
+        except (ShardReadError, StorageError, OSError) as exc:
+            state["error"] = exc
+
+    lazy = wants_lazy_image(ctx.transform)
+    rng = random.Random(stable_seed("sample-order", ctx.seed, ctx.epoch, name, pass_no))
+    with closing(records()) as recs:
+        for pos, rec in enumerate(_shuffled(recs, ctx.shuffle_buffer, rng)):
+            while member_bad:
+                yield member_bad.pop(0)
+            if pos < skip:
+                continue
+            try:
+                decoded = decode_sample(rec.fields, max_pixels=ctx.max_pixels, load=not lazy)
+            except BadSample as bad:
+                yield ("bad", f"{name}/{rec.key}", bad.reason, bad.detail, 1)
+                continue
+            yield ("ok", pos, rec.key, decoded)
+    yield from member_bad
+    read, error = state["read"], state["error"]
+    missing = max(0, (expected or 0) - read)
+    if error is not None:
+        reason = "truncated_shard" if read else "unreadable_shard"
+        yield ("bad", name, reason, f"{error} after {read} samples", max(1, missing))
+    elif missing:
+        yield ("bad", name, "short_shard", f"{read} samples, index says {expected}", missing)
+
+
+class _Emitter:
+    """Collects transformed samples into chunks and attaches pending events."""
+
+    def __init__(self, ctx: ReadContext, worker: int) -> None:
+        self.ctx, self.worker = ctx, worker
+        self.lazy = wants_lazy_image(ctx.transform)
+        self.crops: list[list[torch.Tensor]] = []
+        self.meta: dict[str, list] = {k: [] for k in ("shard", "pos", "key", "label", "repeat")}
+        self.done: list[str] = []
+        self.bad: list[tuple[str, str, str, int]] = []
+        self.emitted = 0
+        self.failures = 0
+        self.successes = 0
+
+    def add(self, shard: str, pos: int, key: str, sample, repeat: bool) -> bool:
+        try:
+            views = self.ctx.transform(sample.image)
+        except Exception as exc:  # noqa: BLE001 - a degenerate image must cost one sample
+            if self.lazy and isinstance(exc, OSError | SyntaxError | EOFError):
+                # A lazy transform decodes the pixels itself: corrupt data surfaces here.
+                detail = f"{type(exc).__name__}: {exc}"
+                self.bad.append((f"{shard}/{key}", "bad_image", detail, 1))
+                return False
+            self.failures += 1
+            if self.successes == 0 and self.failures >= _MAX_TRANSFORM_FAILURES:
+                raise DataError(
+                    f"the transform failed on the first {self.failures} samples "
+                    f"(last: {type(exc).__name__}: {exc}); this is not a data problem"
+                ) from exc
+            self.bad.append((f"{shard}/{key}", "transform_failed", f"{exc}", 1))
+            return False
+        self.successes += 1
+        self.crops.append(list(views))
+        values = (shard, pos, key, sample.label, repeat)
+        for k, v in zip(("shard", "pos", "key", "label", "repeat"), values, strict=True):
+            self.meta[k].append(v)
+        self.emitted += 1
+        return True
+
+    def full(self) -> bool:
+        return len(self.crops) >= self.ctx.chunk_size
+
+    def take(self) -> tuple[list[torch.Tensor] | None, dict]:
+        crops = _stack(self.crops) if self.crops else None
+        meta = dict(self.meta, done=self.done, bad=self.bad, worker=self.worker)
+        self.crops = []
+        self.meta = {k: [] for k in self.meta}
+        self.done, self.bad = [], []
+        return crops, meta
+
+
+def _stack(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    n_views = len(samples[0])
+    if any(len(s) != n_views for s in samples):
+        raise DataError("the transform returned a different number of crops for two samples")
+    try:
+        return [torch.stack([s[i] for s in samples]) for i in range(n_views)]
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(f"the transform must return same-shape tensors per crop: {exc}") from exc
+
+
+def run_worker(ctx: ReadContext, task: WorkerTask) -> Iterator[tuple[list | None, dict]]:
+    """Emit exactly `task.quota` samples: own shards first, then repeated passes if short."""
+    em = _Emitter(ctx, task.global_index)
+    if task.quota <= 0:
+        return
+    store = open_store(ctx.root_url, ctx.storage_options)
+
+    def feed(name: str, pass_no: int, skip: int, repeat: bool) -> Iterator[tuple]:
+        """Yields chunks while reading one shard; returns once the quota is met or shard ends."""
+        with closing(read_shard(store, ctx, name, pass_no, skip)) as events:
+            for ev in events:
+                if ev[0] == "bad":
+                    em.bad.append(ev[1:])
+                    continue
+                _, pos, key, sample = ev
+                if em.add(name, pos, key, sample, repeat) and em.full():
+                    yield em.take()
+                if em.emitted >= task.quota:
+                    return
+
+    for name, skip in task.own:
+        yield from feed(name, 0, skip, repeat=False)
+        if em.emitted >= task.quota:
+            break
+        em.done.append(name)
+    pass_no = 1
+    while em.emitted < task.quota:
+        before = em.emitted
+        for name in task.repeat_pool:
+            yield from feed(name, pass_no, 0, repeat=True)
+            if em.emitted >= task.quota:
+                break
+        if em.emitted == before:
+            raise DataError(
+                f"worker {task.global_index} needs {task.quota - em.emitted} more samples but "
+                f"its shards {task.repeat_pool[:3]}... yield no decodable sample"
+            )
+        pass_no += 1
+    if em.crops or em.done or em.bad:
+        yield em.take()
