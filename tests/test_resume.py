@@ -101,7 +101,7 @@ def test_sigkill_loop_resumes_bit_exact(tmp_path: Path, fmnist_shards: Path, s3_
                     if b"committed" in fh.read():
                         break
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 4.0))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
