@@ -37,8 +37,11 @@ SetOpt = Annotated[
 ]
 BackendOpt = Annotated[
     str | None,
-    typer.Option("--backend", "-b", help=f"Launcher backend: {', '.join(BACKENDS)}. "
-                 "Default: the spec's launcher.backend."),
+    typer.Option(
+        "--backend",
+        "-b",
+        help=f"Launcher backend: {', '.join(BACKENDS)}. Default: the spec's launcher.backend.",
+    ),
 ]
 
 
@@ -89,10 +92,15 @@ def submit(
     spec: Annotated[Path, typer.Argument(help="Job spec YAML, e.g. jobs/quickstart.yaml.")],
     backend: BackendOpt = None,
     set_: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be launched; "
-                                          "launch nothing.")] = False,
-    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once launched; "
-                                         "follow with `dino-cluster logs`.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be launched; launch nothing.")
+    ] = False,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", "-d", help="Return once launched; follow with `dino-cluster logs`."
+        ),
+    ] = False,
 ) -> None:
     """Validate SPEC and launch the training run it describes."""
     job = _load(spec, set_, backend)
@@ -153,8 +161,12 @@ def status(run: Annotated[str, typer.Argument(help="Run folder, run name or job 
 @app.command()
 def logs(
     run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
-    rank: Annotated[int | None, typer.Option("--rank", help="Which rank's log (default 0).")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="Which rank's log (default 0).")
+    ] = None,
 ) -> None:
     """Print a run's log."""
     run_dir = _resolve_run(run)
@@ -177,8 +189,12 @@ def cancel(run: Annotated[str, typer.Argument(help="Run folder, run name or job 
 
 @app.command()
 def checkpoints(
-    run: Annotated[str, typer.Argument(help="Run folder, run name, job spec, or a checkpoint "
-                                       "URL (s3://... or a folder).")],
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="Run folder, run name, job spec, or a checkpoint URL (s3://... or a folder)."
+        ),
+    ],
 ) -> None:
     """List a run's committed checkpoints (step, time, size, evaluation results)."""
     from dino_cluster.checkpoint import CheckpointManager, render_table
@@ -212,10 +228,7 @@ def _mount_subcommands() -> None:
     app.add_typer(data_app, name="data", help="Pack images into WebDataset shards; inspect them.")
 
 
-try:
-    _mount_subcommands()
-except ModuleNotFoundError:  # TEMP
-    pass
+_mount_subcommands()
 
 
 def main() -> None:

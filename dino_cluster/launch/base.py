@@ -36,8 +36,9 @@ class SubmitResult:
 class Backend(Protocol):
     name: str
 
-    def submit(self, spec: JobSpec, *, detach: bool = False, dry_run: bool = False) -> SubmitResult:
-        ...
+    def submit(
+        self, spec: JobSpec, *, detach: bool = False, dry_run: bool = False
+    ) -> SubmitResult: ...
 
     def render(self, spec: JobSpec) -> str: ...
 

@@ -72,11 +72,14 @@ class LocalBackend:
 
     def render(self, spec: JobSpec) -> str:
         world = spec.launcher.world_size
-        return "\n".join(
-            f"RANK={r} WORLD_SIZE={world} LOCAL_RANK={r} MASTER_ADDR=127.0.0.1 "
-            f"{sys.executable} -m dino_cluster.train --spec {spec.run_dir}/spec.resolved.yaml"
-            for r in range(world)
-        ) + "\n"
+        return (
+            "\n".join(
+                f"RANK={r} WORLD_SIZE={world} LOCAL_RANK={r} MASTER_ADDR=127.0.0.1 "
+                f"{sys.executable} -m dino_cluster.train --spec {spec.run_dir}/spec.resolved.yaml"
+                for r in range(world)
+            )
+            + "\n"
+        )
 
     def submit(self, spec: JobSpec, *, detach: bool = False, dry_run: bool = False) -> SubmitResult:
         run_dir = spec.run_dir
@@ -95,23 +98,41 @@ class LocalBackend:
         pids = []
         procs = []
         for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                PYTHONUNBUFFERED="1",
+            )
             if world > 1:
                 # Keep CPU ranks from fighting over cores.
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
             log = open(run_dir / "logs" / f"rank-{rank}.log", "ab")  # noqa: SIM115
             proc = subprocess.Popen(
                 [sys.executable, "-m", "dino_cluster.train", "--spec", str(spec_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
             log.close()
             procs.append(proc)
             pids.append(proc.pid)
-        (run_dir / "launch.json").write_text(json.dumps(
-            {"backend": "local", "pids": pids, "world_size": world, "started": time.time(),
-             "spec": str(spec_path)}))
+        (run_dir / "launch.json").write_text(
+            json.dumps(
+                {
+                    "backend": "local",
+                    "pids": pids,
+                    "world_size": world,
+                    "started": time.time(),
+                    "spec": str(spec_path),
+                }
+            )
+        )
         result = SubmitResult(str(run_dir), job_id=str(pids[0]), status="running")
         if detach:
             return result
@@ -130,8 +151,14 @@ class LocalBackend:
     def status(self, run_dir: str) -> str:
         return run_status(run_dir)
 
-    def logs(self, run_dir: str, *, follow: bool = False, rank: int | None = None,
-             _procs: list[subprocess.Popen] | None = None) -> None:
+    def logs(
+        self,
+        run_dir: str,
+        *,
+        follow: bool = False,
+        rank: int | None = None,
+        _procs: list[subprocess.Popen] | None = None,
+    ) -> None:
         info = read_launch(run_dir)
         rank = rank or 0
         if not 0 <= rank < len(info["pids"]):
