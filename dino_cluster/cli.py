@@ -110,9 +110,13 @@ def submit(
     except (LaunchError, ValueError) as exc:
         raise _fail(str(exc)) from None
     if dry_run:
-        console.print(result.message, markup=False, end="")
+        typer.echo(result.message, nl=False)
         return
     console.print(f"run folder: {result.run_dir}  job: {result.job_id}  status: {result.status}")
+    from dino_cluster.run_summary import metrics_hint
+
+    if hint := metrics_hint(job):
+        console.print(hint, markup=False)
     if detach:
         console.print(f"follow with: dino-cluster logs {result.run_dir} --follow")
     if result.status == "failed":
@@ -131,7 +135,7 @@ def render(
         text = get_backend(job.launcher.backend).render(job)
     except (LaunchError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    console.print(text, markup=False, end="")
+    typer.echo(text, nl=False)
 
 
 @app.command()
@@ -143,7 +147,7 @@ def validate(
     """Check a job spec (exit 2 with the field and the reason when it is wrong)."""
     job = _load(spec, set_, None)
     if show:
-        console.print(job.to_yaml(), markup=False, end="")
+        typer.echo(job.to_yaml(), nl=False)
     else:
         console.print(f"{spec}: ok ({job.launcher.backend}, world size {job.launcher.world_size})")
 
@@ -151,11 +155,14 @@ def validate(
 @app.command()
 def status(run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")]) -> None:
     """Show whether a run is running, completed, stopped or failed."""
+    from dino_cluster.run_summary import render_summary, summarize_run
+
     run_dir = _resolve_run(run)
     try:
         console.print(get_backend(_backend_of(run_dir)).status(str(run_dir)))
     except LaunchError as exc:
         raise _fail(str(exc)) from None
+    console.print(render_summary(summarize_run(run_dir)), markup=False)
 
 
 @app.command()

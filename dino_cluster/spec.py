@@ -33,8 +33,10 @@ class SpecError(ValueError):
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {field}: {reason}" if field else f"{source}: {reason}"
-                 for field, reason in problems]
+        lines = [
+            f"{source}: {field}: {reason}" if field else f"{source}: {reason}"
+            for field, reason in problems
+        ]
         super().__init__("\n".join(lines))
 
 
@@ -157,9 +159,7 @@ class OptimSpec(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> OptimSpec:
         if self.warmup_epochs > self.epochs:
-            raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})"
-            )
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
         if self.lr_scaling == "none" and self.min_lr > self.base_lr:
             raise ValueError("min_lr exceeds base_lr")
         return self
@@ -228,11 +228,36 @@ class WorkersSpec(_Section):
 
 
 class RayLauncherSpec(_Section):
-    address: str | None = None  # None = start an embedded local Ray
+    # None = start a private local Ray; "http(s)://head:8265" = submit through the Ray Jobs
+    # API; "host:port" or "auto" = run the driver here, joined to that cluster.
+    address: str | None = None
     dashboard_host: str = "127.0.0.1"
+    # Worker-group restarts (worker or node failures) before the run fails.
     max_failures: NonNegInt = 3
+    # Give up when no training worker is alive for this long (cluster cannot supply `min`).
     startup_timeout_s: PositiveFloat = 600.0
+    # How often an elastic run checks whether more workers fit (grows by a restart).
+    resize_interval_s: PositiveFloat = 60.0
+    # Ray's own run bookkeeping (not our checkpoints). Default: RUN/ray.
+    storage_path: str | None = None
+    # Extra Ray runtime env for Jobs API submissions (pip, env_vars, ...). No secrets:
+    # credential-looking env_vars are refused.
     runtime_env: dict[str, Any] = {}
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        env = v.get("env_vars") or {}
+        if not isinstance(env, dict):
+            raise ValueError("runtime_env.env_vars must be a mapping")
+        secret = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.I)
+        bad = sorted(k for k in env if secret.search(str(k)))
+        if bad:
+            raise ValueError(
+                f"runtime_env.env_vars must not carry credentials ({', '.join(bad)}): give "
+                "the cluster its credentials through its own environment or workload identity"
+            )
+        return v
 
 
 class SlurmLauncherSpec(_Section):
@@ -245,17 +270,62 @@ class SlurmLauncherSpec(_Section):
     cpus_per_task: PositiveInt = 10
     folder: str = "runs/slurm"  # shared path for submitit logs and pickles
     max_requeues: NonNegInt = 20
-    additional_parameters: dict[str, str | int] = {}
-    setup: list[str] = []
+    # Seconds before the time limit at which SLURM sends USR2 (checkpoint, then requeue).
+    signal_grace_s: Annotated[int, Field(ge=10, le=3600)] = 120
+    job_name: str | None = None  # default: dino-<run.name>
+    # Extra sbatch options, e.g. {exclude: node7, exclusive: true} (true = a bare flag).
+    additional_parameters: dict[str, str | bool | int] = {}
+    setup: list[str] = []  # shell lines run in the batch script before srun
+
+    @field_validator("partition", "account", "qos", "constraint", "job_name")
+    @classmethod
+    def _one_word(cls, v: str | None) -> str | None:
+        # These become `#SBATCH --key=value` lines: whitespace would split or inject lines.
+        if v is not None and (not v or any(c.isspace() for c in v)):
+            raise ValueError(f"must be a non-empty value without spaces or newlines (got {v!r})")
+        return v
+
+    @field_validator("additional_parameters")
+    @classmethod
+    def _sbatch_options(cls, v: dict[str, str | bool | int]) -> dict[str, str | bool | int]:
+        for key, value in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", key):
+                raise ValueError(f"{key!r} is not an sbatch option name (e.g. 'exclude')")
+            if isinstance(value, str) and any(c in value for c in "\r\n\0"):
+                raise ValueError(f"{key}: value must be a single line")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _setup_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if "\n" in line or "\r" in line:
+                raise ValueError("each setup entry must be one line (use several entries)")
+        return v
 
 
 class KubeRaySpec(_Section):
     namespace: str = "default"
+    # A Ray image with dino-cluster installed (see infra/k8s/README.md); its Ray version
+    # should match the one dino-cluster was tested with.
     image: str = "rayproject/ray:2.40.0-py311-gpu"
+    # For workload identity (IRSA / GKE WI): the service account carries the cloud role.
     service_account: str | None = None
-    node_selector: dict[str, str] = {}
-    tolerations: list[dict[str, str]] = []
-    s3_secret_name: str | None = None  # an existing Secret with AWS_* keys
+    node_selector: dict[str, str] = {}  # worker pods (the GPU nodes)
+    tolerations: list[dict[str, str | int]] = []  # worker pods
+    # An existing Secret with AWS_* keys, referenced by name (envFrom); never its values.
+    s3_secret_name: str | None = None
+    head_cpus: PositiveInt = 4
+    head_memory_gb: PositiveInt = 16
+    worker_memory_gb: PositiveInt | None = None  # per worker pod; None = no memory limit
+    ttl_seconds_after_finished: NonNegInt = 3600  # keep the finished cluster for logs
+
+    @field_validator("namespace", "s3_secret_name", "service_account")
+    @classmethod
+    def _dns_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$", v):
+            raise ValueError(f"must be a Kubernetes name (lower-case DNS-1123), got {v!r}")
+        return v
 
 
 class LauncherSpec(_Section):

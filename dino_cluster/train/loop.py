@@ -13,6 +13,7 @@ it) and the environment tells us our rank.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +36,15 @@ from dino_cluster.dino.optim import (
     param_groups,
 )
 from dino_cluster.dino.schedules import cosine_schedule, teacher_temp_schedule
-from dino_cluster.metrics import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NullSink
+from dino_cluster.metrics import (
+    ConsoleSink,
+    JsonlSink,
+    MetricsSink,
+    MultiSink,
+    NullSink,
+    checkpoint_values,
+    gpu_memory_values,
+)
 from dino_cluster.spec import JobSpec, write_resolved
 from dino_cluster.storage import StorageOptions
 from dino_cluster.train import rng
@@ -58,6 +67,18 @@ class TrainResult:
     epoch: int
     skipped_steps: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
+    # sha256 of this rank's final student, teacher and center: equal on every rank when the
+    # ranks stayed in sync (logged at the end; tests compare them across ranks).
+    digest: dict[str, str] = field(default_factory=dict)
+
+
+def state_digest(module: torch.nn.Module | dict[str, torch.Tensor]) -> str:
+    sd = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        h.update(key.encode())
+        h.update(sd[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def storage_options(spec: JobSpec) -> StorageOptions:
@@ -83,12 +104,22 @@ def _precision(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | None,
 
 def build_models(spec: JobSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     m = spec.model
-    shape = {k: v for k, v in (("depth", m.depth), ("embed_dim", m.embed_dim),
-                               ("num_heads", m.num_heads)) if v is not None}
+    shape = {
+        k: v
+        for k, v in (("depth", m.depth), ("embed_dim", m.embed_dim), ("num_heads", m.num_heads))
+        if v is not None
+    }
     return build_student_teacher(
-        m.arch, patch_size=m.patch_size, drop_path_rate=m.drop_path_rate, img_size=m.img_size,
-        out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
-        nlayers=m.head_layers, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
+        m.arch,
+        patch_size=m.patch_size,
+        drop_path_rate=m.drop_path_rate,
+        img_size=m.img_size,
+        out_dim=m.out_dim,
+        hidden_dim=m.hidden_dim,
+        bottleneck_dim=m.bottleneck_dim,
+        nlayers=m.head_layers,
+        use_bn=m.use_bn_in_head,
+        norm_last_layer=m.norm_last_layer,
         **shape,
     )
 
@@ -96,8 +127,11 @@ def build_models(spec: JobSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
 def build_augment(spec: JobSpec) -> MultiCropAugment:
     c = spec.method.crops
     return MultiCropAugment(
-        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
-        global_scale=tuple(c.global_scale), local_scale=tuple(c.local_scale),
+        global_size=c.global_size,
+        local_size=c.local_size,
+        n_local=c.n_local,
+        global_scale=tuple(c.global_scale),
+        local_scale=tuple(c.local_scale),
     )
 
 
@@ -106,9 +140,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _metrics_sink(spec: JobSpec, info: DistInfo, total_steps: int) -> MetricsSink:
-    if not info.is_main:
-        return NullSink()
-    return MultiSink([JsonlSink(spec.run_dir / "metrics.jsonl"), ConsoleSink(total_steps)])
+    from dino_cluster.metrics_prom import exporter_sinks
+
+    sinks: list[MetricsSink] = []
+    if info.is_main:
+        sinks += [JsonlSink(spec.run_dir / "metrics.jsonl"), ConsoleSink(total_steps)]
+    # Every rank exports (Prometheus when metrics.prometheus, Ray's metrics under Ray).
+    sinks += exporter_sinks(spec, info)
+    return MultiSink(sinks) if sinks else NullSink()
 
 
 def train(
@@ -129,18 +168,24 @@ def train(
     student, teacher = build_models(spec)
     student.to(device)
     teacher.to(device)
-    dino_loss = DINOLoss(spec.model.out_dim, spec.method.crops.n_crops,
-                         student_temp=spec.method.student_temp,
-                         center_momentum=spec.method.center_momentum).to(device)
+    dino_loss = DINOLoss(
+        spec.model.out_dim,
+        spec.method.crops.n_crops,
+        student_temp=spec.method.student_temp,
+        center_momentum=spec.method.center_momentum,
+    ).to(device)
     optimizer = build_optimizer(param_groups(student), lr=0.0)
     amp_dtype, use_scaler = _precision(spec, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     rng.seed_all(spec.run.seed + info.rank)
 
     ckpt = CheckpointManager(
-        spec.checkpoint_url, storage_options=storage_options(spec),
-        keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every_steps,
-        upload_retries=spec.checkpoint.upload_retries, is_writer=info.is_main,
+        spec.checkpoint_url,
+        storage_options=storage_options(spec),
+        keep_last=spec.checkpoint.keep_last,
+        keep_every=spec.checkpoint.keep_every_steps,
+        upload_retries=spec.checkpoint.upload_retries,
+        is_writer=info.is_main,
     )
     step, data_state = 0, None
     if spec.checkpoint.resume:
@@ -159,14 +204,24 @@ def train(
             if meta.get("world_size") == info.world_size and meta.get("rng"):
                 rng.set_state(meta["rng"], rank=info.rank)
             if info.is_main:
-                log.info("resumed from step %d (written at world size %s, now %d)", step,
-                         meta.get("world_size"), info.world_size)
+                log.info(
+                    "resumed from step %d (written at world size %s, now %d)",
+                    step,
+                    meta.get("world_size"),
+                    info.world_size,
+                )
 
     stream = build_train_stream(
-        spec.data.url, transform=build_augment(spec), global_batch=spec.optim.global_batch,
-        rank=info.rank, world_size=info.world_size, num_workers=spec.data.num_workers,
-        seed=spec.run.seed, shuffle_buffer=spec.data.shuffle_buffer,
-        storage_options=storage_options(spec), state=data_state,
+        spec.data.url,
+        transform=build_augment(spec),
+        global_batch=spec.optim.global_batch,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=spec.data.num_workers,
+        seed=spec.run.seed,
+        shuffle_buffer=spec.data.shuffle_buffer,
+        storage_options=storage_options(spec),
+        state=data_state,
         max_image_pixels=spec.data.max_image_pixels,
     )
     ipe = stream.iters_per_epoch
@@ -181,8 +236,9 @@ def train(
     lr_sched = cosine_schedule(o.peak_lr, o.min_lr, epochs, ipe, warmup_epochs=o.warmup_epochs)
     wd_sched = cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, ipe)
     mom_sched = cosine_schedule(me.teacher_momentum, me.teacher_momentum_final, epochs, ipe)
-    temp_sched = teacher_temp_schedule(me.warmup_teacher_temp, me.teacher_temp,
-                                       me.warmup_teacher_temp_epochs, epochs, ipe)
+    temp_sched = teacher_temp_schedule(
+        me.warmup_teacher_temp, me.teacher_temp, me.warmup_teacher_temp_epochs, epochs, ipe
+    )
 
     model: torch.nn.Module = student
     if info.distributed:
@@ -202,14 +258,18 @@ def train(
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if use_scaler else {},
             "meta": {
-                "step": at_step, "epoch": epoch, "world_size": info.world_size,
-                "data_position": stream.state_dict(), "rng": rng.get_state(),
-                "spec": spec.model_dump(mode="json"), "iters_per_epoch": ipe,
+                "step": at_step,
+                "epoch": epoch,
+                "world_size": info.world_size,
+                "data_position": stream.state_dict(gather=info.distributed),
+                "rng": rng.get_state(),
+                "spec": spec.model_dump(mode="json"),
+                "iters_per_epoch": ipe,
             },
         }
-        t0 = time.perf_counter()
         ckpt.save(at_step, state, blocking=blocking)
-        last["checkpoint_stall_s"] = time.perf_counter() - t0
+        last["checkpoint_stall_s"] = float(ckpt.last_stall_s or 0.0)
+        last["checkpoint_failed_uploads"] = float(ckpt.failed_uploads)
 
     last: dict[str, float] = {}
     skipped = consecutive_bad = 0
@@ -230,23 +290,38 @@ def train(
                     if group.get("name") == "regularized":  # biases and norms keep 0
                         group["weight_decay"] = float(wd_sched[it])
                 crops = [c.to(device, non_blocking=True) for c in crops]
-                autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype
-                            else contextlib.nullcontext())
+                autocast = (
+                    torch.autocast(device.type, dtype=amp_dtype)
+                    if amp_dtype
+                    else contextlib.nullcontext()
+                )
                 center_before = dino_loss.center.clone()
                 with autocast:
                     teacher_out = teacher(crops[:2])
                     student_out = model(crops)
                     loss = dino_loss(student_out, teacher_out, float(temp_sched[it]))
 
-                # One host sync per step: every rank must agree to skip, or DDP would hang.
-                bad = all_reduce_max((~torch.isfinite(loss.detach())).float().reshape(1))
-                if bad.item() > 0:
+                # One host sync per step, and one tiny all-reduce: every rank must agree to
+                # skip a non-finite step (or DDP would hang) and to stop on a signal that
+                # reached only some ranks (checkpointing is a collective).
+                flags = torch.stack(
+                    [
+                        (~torch.isfinite(loss.detach())).float(),
+                        torch.tensor(float(stop.requested), device=device),
+                    ]
+                )
+                bad, stop_now = all_reduce_max(flags).tolist()
+                stopping = stop_now > 0  # decided together: a later signal waits a step
+                if bad > 0:
                     dino_loss.center.copy_(center_before)
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     consecutive_bad += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row)",
-                                step, consecutive_bad)
+                    log.warning(
+                        "non-finite loss at step %d: step skipped (%d in a row)",
+                        step,
+                        consecutive_bad,
+                    )
                     if consecutive_bad >= me.max_nonfinite_steps:
                         raise NonFiniteLossError(
                             f"{consecutive_bad} consecutive non-finite losses at step {step}: "
@@ -270,23 +345,37 @@ def train(
                 if step % spec.metrics.log_every_steps == 0 or step == end_step:
                     elapsed = max(time.perf_counter() - window_t0, 1e-9)
                     ent = dino_loss.last_teacher_entropy
-                    last.update({
-                        "epoch": float(epoch), "loss": float(loss.detach()),
-                        "lr": float(lr_sched[it]), "weight_decay": float(wd_sched[it]),
-                        "teacher_momentum": float(mom_sched[it]),
-                        "teacher_temp": float(temp_sched[it]),
-                        "teacher_entropy": float(ent) if ent is not None else float("nan"),
-                        "images_per_s": window_imgs / elapsed,
-                        "data_wait_frac": min(data_wait / elapsed, 1.0),
-                        "skipped_steps": float(skipped),
-                        "bad_samples": float(sum(stream.bad_samples.values())),
-                    })
+                    kl = dino_loss.last_kl
+                    window_steps = max(round(window_imgs / o.global_batch), 1)
+                    kl = dino_loss.last_kl
+                    last.update(
+                        {
+                            "epoch": float(epoch),
+                            "loss": float(loss.detach()),
+                            "lr": float(lr_sched[it]),
+                            "weight_decay": float(wd_sched[it]),
+                            "teacher_momentum": float(mom_sched[it]),
+                            "teacher_temp": float(temp_sched[it]),
+                            "teacher_entropy": float(ent) if ent is not None else float("nan"),
+                            "teacher_student_kl": float(kl) if kl is not None else float("nan"),
+                            "images_per_s": window_imgs / elapsed,
+                            "data_wait_frac": min(data_wait / elapsed, 1.0),
+                            "skipped_steps": float(skipped),
+                            "bad_samples": float(sum(stream.bad_samples.values())),
+                            "student_teacher_kl": float(kl) if kl is not None else float("nan"),
+                            "center_norm": float(dino_loss.center.norm()),
+                            "step_time_s": elapsed / window_steps,
+                            "world_size": float(info.world_size),
+                            **checkpoint_values(ckpt),
+                            **gpu_memory_values(device),
+                        }
+                    )
                     sink.log(step, last)
                     window_t0, window_imgs, data_wait = time.perf_counter(), 0, 0.0
 
                 at_epoch_end = step % ipe == 0
                 due = (every and step % every == 0) or (not every and at_epoch_end)
-                if stop.requested:
+                if stopping:
                     status = "stopped"
                     save(step, step // ipe, blocking=True)
                     break
@@ -316,6 +405,24 @@ def train(
             stop.restore()
     if ckpt.last_error is not None and info.is_main:
         log.error("some checkpoint uploads failed: %s", ckpt.last_error)
-    return TrainResult(status=status, step=step, epoch=step // ipe, skipped_steps=skipped,
-                       last_metrics=last)
-
+    digest = {
+        "student": state_digest(_unwrap(model)),
+        "teacher": state_digest(teacher),
+        "center": state_digest({"center": dino_loss.center}),
+    }
+    log.info(
+        "rank %d finished at step %d (%s): teacher %s center %s",
+        info.rank,
+        step,
+        status,
+        digest["teacher"][:16],
+        digest["center"][:16],
+    )
+    return TrainResult(
+        status=status,
+        step=step,
+        epoch=step // ipe,
+        skipped_steps=skipped,
+        last_metrics=last,
+        digest=digest,
+    )

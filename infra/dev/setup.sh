@@ -20,7 +20,9 @@ sudo_cmd=""
 
 apt_pkgs=(dataset-fashion-mnist)
 if [ "$want_tests" = 1 ]; then
-  apt_pkgs+=()
+  # The services the integration tests start on loopback: a one-machine SLURM cluster with
+  # accounting (infra/slurm/dev-cluster.sh) and Prometheus (promtool for the alert rules).
+  apt_pkgs+=(slurm-wlm munge slurmdbd mariadb-server prometheus)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do
