@@ -101,9 +101,18 @@ def submit(
             "--detach", "-d", help="Return once launched; follow with `dino-cluster logs`."
         ),
     ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster: http(s)://HEAD:8265 (Jobs API) or HOST:PORT / auto (driver "
+            "here); sets launcher.ray.address.",
+        ),
+    ] = None,
 ) -> None:
     """Validate SPEC and launch the training run it describes."""
-    job = _load(spec, set_, backend)
+    items = list(set_ or []) + ([f"launcher.ray.address={address}"] if address else [])
+    job = _load(spec, items, backend)
     try:
         be = get_backend(job.launcher.backend)
         result = be.submit(job, detach=detach, dry_run=dry_run)

@@ -308,7 +308,7 @@ class KubeRaySpec(_Section):
     namespace: str = "default"
     # A Ray image with dino-cluster installed (see infra/k8s/README.md); its Ray version
     # should match the one dino-cluster was tested with.
-    image: str = "rayproject/ray:2.40.0-py311-gpu"
+    image: str = "rayproject/ray:2.60.0-py311-gpu"
     # For workload identity (IRSA / GKE WI): the service account carries the cloud role.
     service_account: str | None = None
     node_selector: dict[str, str] = {}  # worker pods (the GPU nodes)
