@@ -45,6 +45,12 @@ class _Chunk:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
 
 
+@dataclass(frozen=True)
+class _Bad:
+    sample_id: str
+    reason: str
+
+
 def split_shards(names: list[str], rank: int, world_size: int) -> list[str]:
     """The shards of `rank`: every world_size-th one, starting at `rank` (disjoint, complete)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -74,8 +80,8 @@ class _ShardPass(IterableDataset):
         chunk = _Chunk()
         for name in names:
             for item in self._read(store, name):
-                if isinstance(item, tuple):
-                    chunk.bad.append(item)
+                if isinstance(item, _Bad):
+                    chunk.bad.append((item.sample_id, item.reason))
                     continue
                 key, image, label = item
                 chunk.images.append(image)
@@ -88,10 +94,10 @@ class _ShardPass(IterableDataset):
             yield chunk
 
     def _read(self, store, name: str) -> Iterator:  # type: ignore[no-untyped-def]
-        bad: list[tuple[str, str]] = []
+        bad: list[_Bad] = []
 
         def on_bad(reason: str, member: str) -> None:
-            bad.append((f"{name}/{member}", reason))
+            bad.append(_Bad(f"{name}/{member}", reason))
 
         try:
             with store.open_read(name) as f, closing(iter_records(f, on_bad=on_bad)) as recs:
@@ -101,19 +107,19 @@ class _ShardPass(IterableDataset):
                     try:
                         sample = decode_sample(rec.fields, max_pixels=self.max_pixels)
                     except BadSample as exc:
-                        yield (f"{name}/{rec.key}", exc.reason)
+                        yield _Bad(f"{name}/{rec.key}", exc.reason)
                         continue
                     if self.require_labels and sample.label < 0:
-                        yield (f"{name}/{rec.key}", "missing_label")
+                        yield _Bad(f"{name}/{rec.key}", "missing_label")
                         continue
                     try:
                         image = self.transform(sample.image)
                     except Exception as exc:  # noqa: BLE001 - one degenerate image, one sample
-                        yield (f"{name}/{rec.key}", f"transform_failed: {exc}")
+                        yield _Bad(f"{name}/{rec.key}", f"transform_failed: {exc}")
                         continue
                     yield rec.key, image, sample.label
         except (ShardReadError, StorageError, OSError) as exc:
-            yield (name, f"unreadable_shard: {exc}")
+            yield _Bad(name, f"unreadable_shard: {exc}")
         yield from bad
 
 

@@ -28,6 +28,7 @@ from dino_cluster.storage import StorageError, StorageOptions, open_store
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], list[torch.Tensor]]
+BatchTransform = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 # A transform that fails on this many samples in a row, with no success yet, is a bug in code
 # or configuration, not bad data: stop instead of silently skipping the whole dataset.
 _MAX_TRANSFORM_FAILURES = 50
@@ -37,6 +38,19 @@ def wants_lazy_image(transform: Transform) -> bool:
     """A transform with `lazy_decode = True` gets the image opened but not decoded (size
     already checked, any mode) so it can decode at reduced scale itself (PIL `draft`)."""
     return bool(getattr(transform, "lazy_decode", False))
+
+
+def split_transform(transform: Transform) -> tuple[Transform, BatchTransform | None]:
+    """A transform with callable `per_sample` and `per_batch` attributes runs in two stages:
+    `per_sample(image)` per image, then `per_batch(stacked)` once per emitted chunk (a list
+    over crop index of tensors stacked along a new first dim, in the worker), so per-batch
+    work (e.g. photometric ops on all same-size crops at once) pays Python once per chunk.
+    Any other transform is called per image and its outputs are stacked, as before."""
+    per_sample = getattr(transform, "per_sample", None)
+    per_batch = getattr(transform, "per_batch", None)
+    if callable(per_sample) and callable(per_batch):
+        return per_sample, per_batch
+    return transform, None
 
 
 class DataError(RuntimeError):
@@ -126,6 +140,7 @@ class _Emitter:
     def __init__(self, ctx: ReadContext, worker: int) -> None:
         self.ctx, self.worker = ctx, worker
         self.lazy = wants_lazy_image(ctx.transform)
+        self.per_sample, self.per_batch = split_transform(ctx.transform)
         self.crops: list[list[torch.Tensor]] = []
         self.meta: dict[str, list] = {k: [] for k in ("shard", "pos", "key", "label", "repeat")}
         self.done: list[str] = []
@@ -136,7 +151,7 @@ class _Emitter:
 
     def add(self, shard: str, pos: int, key: str, sample, repeat: bool) -> bool:
         try:
-            views = self.ctx.transform(sample.image)
+            views = self.per_sample(sample.image)
         except Exception as exc:  # noqa: BLE001 - a degenerate image must cost one sample
             if self.lazy and isinstance(exc, OSError | SyntaxError | EOFError):
                 # A lazy transform decodes the pixels itself: corrupt data surfaces here.
@@ -164,6 +179,12 @@ class _Emitter:
 
     def take(self) -> tuple[list[torch.Tensor] | None, dict]:
         crops = _stack(self.crops) if self.crops else None
+        if crops is not None and self.per_batch is not None:
+            try:
+                crops = list(self.per_batch(crops))
+            except Exception as exc:
+                # Per-sample failures are data; a failing batch stage is code or configuration.
+                raise DataError(f"the transform's per_batch stage failed: {exc}") from exc
         meta = dict(self.meta, done=self.done, bad=self.bad, worker=self.worker)
         self.crops = []
         self.meta = {k: [] for k in self.meta}
