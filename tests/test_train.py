@@ -170,3 +170,23 @@ def test_nonfinite_losses_skip_then_stop(
         train(spec, install_signal_handlers=False)
     rows = _read_metrics(spec.run_dir)
     assert rows and rows[-1]["skipped_steps"] >= 2
+
+
+@pytest.mark.parametrize("augment", ["batched", "gpu"])
+def test_fast_augment_paths_train(tmp_path: Path, fmnist_shards: Path, augment: str) -> None:
+    """data.augment=batched (photometrics per chunk in the stream) and gpu (photometrics in the
+    loop on the training device: here the CPU) feed the same loop with 2+n crops."""
+    spec = tiny_spec(
+        tmp_path,
+        fmnist_shards,
+        f"data.augment={augment}",
+        "optim.max_steps=3",
+        "optim.global_batch=16",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+        "model.depth=1",
+    )
+    result = train(spec, install_signal_handlers=False)
+    assert result.step == 3 and result.status == "max_steps"
+    rows = _read_metrics(spec.run_dir)
+    assert all(math.isfinite(r["loss"]) for r in rows)

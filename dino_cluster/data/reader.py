@@ -5,7 +5,8 @@ emitted item is `(crops, meta)`: `crops` is a list over crop index of stacked te
 for an events-only item), `meta` carries, per sample, the shard, the record position in that
 shard's emission order, key, label and whether it is an untracked repeat, plus the shards this
 worker finished and the bad samples it met since the previous item. The main process turns
-that into batches and the data position.
+that into batches and the data position. A transform with `per_sample` and `per_batch`
+runs in two stages (`split_transform`): per image, then once per emitted chunk.
 """
 
 from __future__ import annotations

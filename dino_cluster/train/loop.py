@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dino_cluster.checkpoint import CheckpointManager
 from dino_cluster.data import build_train_stream
 from dino_cluster.dino.augment import MultiCropAugment
+from dino_cluster.dino.augment_batched import BatchedMultiCropAugment
 from dino_cluster.dino.loss import DINOLoss
 from dino_cluster.dino.model import MultiCropWrapper, build_student_teacher
 from dino_cluster.dino.optim import (
@@ -124,15 +125,22 @@ def build_models(spec: JobSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     )
 
 
-def build_augment(spec: JobSpec) -> MultiCropAugment:
+def build_augment(spec: JobSpec) -> tuple[Any, Any]:
+    """(per-sample transform for the data stream, batched stage to run on the device or None)."""
     c = spec.method.crops
-    return MultiCropAugment(
+    kw: dict[str, Any] = dict(
         global_size=c.global_size,
         local_size=c.local_size,
         n_local=c.n_local,
         global_scale=tuple(c.global_scale),
         local_scale=tuple(c.local_scale),
     )
+    if spec.data.augment == "reference":
+        return MultiCropAugment(**kw), None
+    aug = BatchedMultiCropAugment(**kw)
+    if spec.data.augment == "batched":
+        return aug, None
+    return aug.cpu_stage(), aug
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -211,9 +219,10 @@ def train(
                     info.world_size,
                 )
 
+    transform, device_augment = build_augment(spec)
     stream = build_train_stream(
         spec.data.url,
-        transform=build_augment(spec),
+        transform=transform,
         global_batch=spec.optim.global_batch,
         rank=info.rank,
         world_size=info.world_size,
@@ -289,7 +298,13 @@ def train(
                     group["lr"] = float(lr_sched[it])
                     if group.get("name") == "regularized":  # biases and norms keep 0
                         group["weight_decay"] = float(wd_sched[it])
-                crops = [c.to(device, non_blocking=True) for c in crops]
+                if device_augment is not None:
+                    # Photometric ops on the device; their parameters stay on the CPU.
+                    *views, params = crops
+                    views = [v.to(device, non_blocking=True) for v in views]
+                    crops = device_augment.per_batch([*views, params])
+                else:
+                    crops = [c.to(device, non_blocking=True) for c in crops]
                 autocast = (
                     torch.autocast(device.type, dtype=amp_dtype)
                     if amp_dtype
