@@ -240,8 +240,10 @@ def checkpoints(
 
 def _mount_subcommands() -> None:
     from dino_cluster.data.cli import app as data_app
+    from dino_cluster.evaluate.cli import app as eval_app
 
     app.add_typer(data_app, name="data", help="Pack images into WebDataset shards; inspect them.")
+    app.add_typer(eval_app, name="eval", help="Evaluate checkpoints (k-NN, linear); watch a run.")
 
 
 _mount_subcommands()

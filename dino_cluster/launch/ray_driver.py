@@ -23,8 +23,11 @@ import argparse
 import json
 import logging
 import os
+import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from dino_cluster.launch.base import LaunchError
-from dino_cluster.launch.ray_local import LocalRayCluster, enable_token_auth, loopback_env
+from dino_cluster.launch.ray_local import (
+    LocalRayCluster,
+    auth_token,
+    enable_token_auth,
+    loopback_env,
+)
 from dino_cluster.spec import JobSpec, SpecError, load_spec
 
 log = logging.getLogger(__name__)
@@ -225,18 +233,37 @@ def run_driver(
     if address is None or address.split(":")[0] in ("127.0.0.1", "localhost"):
         # Must be set before Ray is imported: it reads it once, at import.
         os.environ.update(loopback_env())
+    private = address is None and not os.environ.get("RAY_ADDRESS")
+    token_dir = None
+    if private:
+        # Before Ray is imported: it reads the auth mode and token location once.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"].lower() == "token" and auth_token() is None:
+            # A fresh machine has no ~/.ray/auth_token: give this private Ray its own token,
+            # readable only by us, removed with the cluster (~/.ray is left alone).
+            token_dir = Path(tempfile.mkdtemp(prefix="dino-ray-token-"))
+            token_file = token_dir / "auth_token"
+            token_file.write_text(secrets.token_hex(32))
+            token_file.chmod(0o600)
+            os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     enable_token_auth()
     import ray
 
     cluster: LocalRayCluster | None = None
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if private:
         lc = spec.launcher
-        cluster = LocalRayCluster.start(
-            num_cpus=max(os.cpu_count() or 1, lc.world_size * lc.cpus_per_worker),
-            num_gpus=None if lc.gpus_per_node else 0,
-            temp_dir=None,
-        )
+        try:
+            cluster = LocalRayCluster.start(
+                num_cpus=max(os.cpu_count() or 1, lc.world_size * lc.cpus_per_worker),
+                num_gpus=None if lc.gpus_per_node else 0,
+                temp_dir=None,
+            )
+        except BaseException:
+            if token_dir is not None:
+                shutil.rmtree(token_dir, ignore_errors=True)
+            raise
+        if token_dir is not None:
+            cluster.cleanup_dirs.append(token_dir)
         address = cluster.address
         # Our Jobs/dashboard clients must talk to this Ray, not another one on the machine.
         os.environ["RAY_API_SERVER_ADDRESS"] = cluster.dashboard_url

@@ -95,6 +95,7 @@ class LocalRayCluster:
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
     owns_temp_dir: bool = False  # created by start(): removed by stop()
+    cleanup_dirs: list[Path] = field(default_factory=list)  # also removed by stop()
 
     @property
     def address(self) -> str:
@@ -227,6 +228,8 @@ class LocalRayCluster:
         finally:
             if self.owns_temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
+            for path in self.cleanup_dirs:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _stop(self, timeout_s: float) -> None:
         if self.process.poll() is not None:

@@ -1,0 +1,239 @@
+"""`dino-cluster eval`: evaluate one checkpoint (knn, linear) or watch a run (watch).
+
+    dino-cluster eval knn --checkpoint URL --spec SPEC [--step N] [--init random|pixels]
+    dino-cluster eval linear --checkpoint URL --spec SPEC [--epochs N]
+    dino-cluster eval watch RUN [--once] [--poll S] [--max-attempts N]
+
+Exit status as the runner: 0 ok, 1 failed, 2 bad input, 4 no such checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="k-NN / linear evaluation of checkpoints, and the watcher that queues them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="Checkpoint root (s3://... or folder), a step folder, or an exported teacher .pth.",
+    ),
+]
+SpecOpt = Annotated[
+    Path, typer.Option("--spec", "-s", help="Job spec with model + evaluation sections.")
+]
+StepOpt = Annotated[int | None, typer.Option("--step", help="Step to evaluate (default newest).")]
+InitOpt = Annotated[
+    str,
+    typer.Option(
+        "--init", help="checkpoint (the teacher), random (same backbone, untrained) or pixels."
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a spec field (repeatable).")
+]
+RecordOpt = Annotated[
+    bool, typer.Option("--record/--no-record", help="Record results beside the checkpoint.")
+]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Also write the results JSON here.")
+]
+
+
+def _argv(kind: str, checkpoint, spec, step, init, set_, record, output) -> list[str]:  # noqa: ANN001
+    argv = ["--kind", kind, "--spec", str(spec), "--init", init]
+    if checkpoint:
+        argv += ["--checkpoint", checkpoint]
+    if step is not None:
+        argv += ["--step", str(step)]
+    for item in set_ or []:
+        argv += ["--set", item]
+    if not record:
+        argv.append("--no-record")
+    if output is not None:
+        argv += ["--output", str(output)]
+    return argv
+
+
+@app.command()
+def knn(
+    checkpoint: CheckpointOpt = None,
+    spec: SpecOpt = Path("jobs/eval-knn.yaml"),
+    step: StepOpt = None,
+    init: InitOpt = "checkpoint",
+    set_: SetOpt = None,
+    record: RecordOpt = True,
+    output: OutputOpt = None,
+) -> None:
+    """Weighted k-NN top-1/top-5 of a checkpoint's frozen teacher backbone."""
+    from dino_cluster.evaluate import runner
+
+    raise typer.Exit(runner.main(_argv("knn", checkpoint, spec, step, init, set_, record, output)))
+
+
+@app.command()
+def linear(
+    checkpoint: CheckpointOpt = None,
+    spec: SpecOpt = Path("jobs/eval-knn.yaml"),
+    step: StepOpt = None,
+    init: InitOpt = "checkpoint",
+    set_: SetOpt = None,
+    record: RecordOpt = True,
+    output: OutputOpt = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Default: the spec's evaluation.linear_epochs.")
+    ] = None,
+) -> None:
+    """Linear probe (frozen backbone, the reference feature recipe, SGD + cosine)."""
+    from dino_cluster.evaluate import runner
+
+    argv = _argv("linear", checkpoint, spec, step, init, set_, record, output)
+    if epochs is not None:
+        argv += ["--linear-epochs", str(epochs)]
+    raise typer.Exit(runner.main(argv))
+
+
+def _resolve_run(run: str) -> Path:
+    p = Path(run)
+    if p.is_file() and p.suffix in {".yaml", ".yml"}:
+        from dino_cluster.spec import load_spec
+
+        return load_spec(p).run_dir
+    if p.is_dir():
+        return p
+    if (Path("runs") / run).is_dir():
+        return Path("runs") / run
+    raise ValueError(f"{run}: no such run folder, run name under ./runs, or job spec")
+
+
+# Backend states after which a run writes no more checkpoints (local, Ray, SLURM vocabularies).
+ENDED_STATES = frozenset({"completed", "stopped", "failed", "cancelled", "canceled"})
+
+
+def _finished(run_dir: Path):  # noqa: ANN202
+    """A callable: has the run stopped producing checkpoints? (any backend's status verb;
+    not launched yet, pending, requeued or unknown all mean "not yet")."""
+    from dino_cluster.launch.base import LaunchError, get_backend
+
+    log = logging.getLogger(__name__)
+
+    def finished() -> bool:
+        launch = run_dir / "launch.json"
+        if not launch.exists():
+            return False  # launched a moment later (the launcher starts us first)
+        try:
+            backend = json.loads(launch.read_text()).get("backend", "local")
+            return get_backend(backend).status(str(run_dir)) in ENDED_STATES
+        except (LaunchError, ValueError, OSError) as exc:
+            log.warning("run status unknown (%s); still watching", exc)
+            return False
+
+    return finished
+
+
+@app.command()
+def watch(
+    run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")],
+    once: Annotated[
+        bool, typer.Option("--once", help="Evaluate what is pending now, then exit.")
+    ] = False,
+    poll: Annotated[float, typer.Option("--poll", help="Seconds between polls.")] = 10.0,
+    lease: Annotated[float, typer.Option("--lease", help="Claim lease in seconds.")] = 60.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Tries per eval.")] = 3,
+    parallel: Annotated[int, typer.Option("--parallel", help="Evaluations at once.")] = 1,
+    kind: Annotated[
+        list[str] | None, typer.Option("--kind", help="knn/linear (default: the spec's kinds).")
+    ] = None,
+) -> None:
+    """Evaluate every committed checkpoint of RUN once per kind, until the run has ended.
+
+    With --once: evaluate what can be claimed now, then exit.
+    """
+    from dino_cluster.evaluate import runner
+    from dino_cluster.evaluate.submit import LocalSubmitter
+    from dino_cluster.evaluate.watcher import Watcher
+    from dino_cluster.metrics import JsonlSink
+    from dino_cluster.spec import SpecError, load_spec
+    from dino_cluster.storage import open_store
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        run_dir = _resolve_run(run)
+        spec_path = run_dir / "spec.resolved.yaml"
+        if not spec_path.exists():
+            raise ValueError(f"{run_dir}: no spec.resolved.yaml (has the run started?)")
+        job = load_spec(spec_path)
+        kinds = kind or list(job.evaluation.kinds)
+        bad = [k for k in kinds if k not in runner.KINDS]
+        if bad:
+            raise ValueError(f"unknown --kind {bad[0]!r}; valid: {', '.join(runner.KINDS)}")
+        options = runner.storage_options(job)
+        store = open_store(job.checkpoint_url, options)
+    except (SpecError, ValueError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    sink = JsonlSink(run_dir / "metrics-eval.jsonl")
+
+    def on_result(k: str, step: int, results: dict) -> None:
+        values = {
+            f"eval/{k}/{name}": float(v)
+            for name, v in results.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        sink.log(step, values)
+        console.print(f"step {step} {k}: {json.dumps(values)}")
+
+    watcher = Watcher(
+        store,
+        LocalSubmitter(
+            cpus=job.evaluation.cpus, gpus=job.evaluation.gpus, log_dir=run_dir / "logs" / "eval"
+        ),
+        kinds=kinds,
+        spec_path=str(spec_path.resolve()),
+        storage_options=options,
+        max_attempts=max_attempts,
+        max_parallel=parallel,
+        lease_s=lease,
+        poll_s=poll,
+        on_result=on_result,
+    )
+    started = time.time()
+    try:
+        stats = watcher.run(once=once, finished=_finished(run_dir))
+    except KeyboardInterrupt:
+        watcher.stop()
+        raise typer.Exit(130) from None
+    finally:
+        sink.close()
+    console.print(
+        f"watcher done in {time.time() - started:.0f} s: {stats.done} evaluated, "
+        f"{stats.failed} failed, {stats.skipped} skipped, {stats.failed_attempts} failed attempts"
+    )
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
