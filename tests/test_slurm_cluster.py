@@ -75,11 +75,15 @@ def rank_log(run_dir: Path, rank: int = 0) -> str:
     return path.read_text() if path.exists() else ""
 
 
+STEPS = 60
+
+
 def test_submitit_job_is_preempted_checkpoints_requeues_resumes_and_completes(
     slurm_cluster, fmnist_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     c, be = slurm_cluster, SlurmBackend()
-    spec = tiny_spec(tmp_path, fmnist_shards, "preempt", "optim.max_steps=6")
+    # Enough steps that the preemption always lands before the run could finish.
+    spec = tiny_spec(tmp_path, fmnist_shards, "preempt", f"optim.max_steps={STEPS}")
     run_dir = spec.run_dir
     job = be.submit(spec, detach=True).job_id
     launch = json.loads((run_dir / "launch.json").read_text())
@@ -98,7 +102,7 @@ def test_submitit_job_is_preempted_checkpoints_requeues_resumes_and_completes(
     at_signal = checkpoint_steps(spec)
     stopped_at = last_step(run_dir)
     # One checkpoint, written on the signal, at the last step trained: no work lost.
-    assert at_signal == [stopped_at] and 0 < stopped_at < 6
+    assert at_signal == [stopped_at] and 0 < stopped_at < STEPS
     assert slurm_env.read_requeues(run_dir)["requeues"] == 0  # written by the first start
 
     c.wait(
@@ -113,7 +117,7 @@ def test_submitit_job_is_preempted_checkpoints_requeues_resumes_and_completes(
     log = rank_log(run_dir)
     assert "received SIGUSR2" in log
     assert f"resumed from step {stopped_at} " in log
-    assert max(checkpoint_steps(spec)) == 6 and last_step(run_dir) == 6
+    assert max(checkpoint_steps(spec)) == STEPS and last_step(run_dir) == STEPS
     record = slurm_env.read_requeues(run_dir)
     assert record["requeues"] == 1 and record["job_id"] == job and not record["cap_reached"]
     history = c.run("sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "State").stdout.split()
@@ -139,7 +143,7 @@ def test_rendered_sbatch_script_time_limit_signal_requeues_and_resumes(
     `--signal=B:USR2@grace` delivers before the limit (USR2 to the batch shell), without
     waiting minutes for a real limit."""
     c, be = slurm_cluster, SlurmBackend()
-    spec = tiny_spec(tmp_path, fmnist_shards, "sbatch", "optim.max_steps=6")
+    spec = tiny_spec(tmp_path, fmnist_shards, "sbatch", f"optim.max_steps={STEPS}")
     run_dir = spec.run_dir
     script = tmp_path / "job.sbatch"
     script.write_text(be.render(spec))
@@ -152,13 +156,13 @@ def test_rendered_sbatch_script_time_limit_signal_requeues_and_resumes(
     c.run("scancel", "--batch", "--signal=USR2", job)
     c.wait("the job to requeue itself", lambda: be.status(str(run_dir)) == "requeued", timeout=120)
     stopped_at = last_step(run_dir)
-    assert checkpoint_steps(spec) == [stopped_at] and 0 < stopped_at < 6
+    assert checkpoint_steps(spec) == [stopped_at] and 0 < stopped_at < STEPS
     c.start_now(job)
     c.wait(
         "the resumed job to complete", lambda: be.status(str(run_dir)) == "completed", timeout=180
     )
     assert f"resumed from step {stopped_at} " in rank_log(run_dir)
-    assert max(checkpoint_steps(spec)) == 6 and last_step(run_dir) == 6
+    assert max(checkpoint_steps(spec)) == STEPS and last_step(run_dir) == STEPS
     assert slurm_env.read_requeues(run_dir)["requeues"] == 1
     batch_log = (tmp_path / f"dino-sbatch-{job}.out").read_text()
     assert "SIGUSR2: asking the ranks to checkpoint" in batch_log
