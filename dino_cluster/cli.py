@@ -171,7 +171,7 @@ def status(run: Annotated[str, typer.Argument(help="Run folder, run name or job 
         console.print(get_backend(_backend_of(run_dir)).status(str(run_dir)))
     except LaunchError as exc:
         raise _fail(str(exc)) from None
-    console.print(render_summary(summarize_run(run_dir)), markup=False)
+    typer.echo(render_summary(summarize_run(run_dir)))
 
 
 @app.command()

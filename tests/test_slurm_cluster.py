@@ -133,7 +133,7 @@ def test_submitit_job_is_preempted_checkpoints_requeues_resumes_and_completes(
         text=True,
         timeout=120,
     )
-    assert cli.returncode == 0 and cli.stdout.strip() == "completed", cli.stderr
+    assert cli.returncode == 0 and cli.stdout.splitlines()[0] == "completed", cli.stderr
 
 
 def test_rendered_sbatch_script_time_limit_signal_requeues_and_resumes(
