@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +41,17 @@ class SourceImage:
     pixels: np.ndarray | None = None  # raw HxW (grey) or HxWx3 uint8 pixels
 
 
-class Source:
+class Source(ABC):
     """Base: `len()` gives the number of images, iteration yields them in a fixed order."""
 
     kind = "source"
     classes: list[str] | None = None
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def __iter__(self) -> Iterator[SourceImage]:
-        raise NotImplementedError
+    @abstractmethod
+    def __iter__(self) -> Iterator[SourceImage]: ...
 
 
 class FolderSource(Source):
