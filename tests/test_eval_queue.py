@@ -156,6 +156,28 @@ def test_crashing_evaluation_is_retried_then_failed_and_others_continue(tmp_path
     assert sorted(calls) == [1, 2, 2, 2, 3]
 
 
+def test_claim_left_on_a_final_step_is_reaped_before_the_watcher_exits(tmp_path) -> None:
+    """A watcher killed between writing `done` and releasing leaves its claim behind: the
+    surviving watcher reaps it once stale instead of calling the queue drained."""
+    url = str(tmp_path / "ckpt")
+    commit_burst(url, None, [1, 2])
+    store = open_store(url)
+    evaluate = lambda job: {"value": job.step}  # noqa: E731
+    Watcher(store, InlineSubmitter(evaluate), kinds=["fake"], lease_s=5, poll_s=0.05).run(
+        finished=lambda: True, deadline_s=60
+    )
+    assert statuses(store, "fake", [1, 2])[2]["state"] == "done"
+    orphan = queue_key("fake", 2, f"claim-{'ab' * 16}")
+    store.write_bytes(orphan, b"")
+    w = Watcher(store, InlineSubmitter(evaluate), kinds=["fake"], lease_s=0.5, poll_s=0.05)
+    t0 = time.monotonic()
+    stats = w.run(finished=lambda: True, deadline_s=60)
+    assert not store.exists(orphan)
+    assert time.monotonic() - t0 >= 0.5  # it waited for the lease, not reaped a live claim
+    assert stats.started == 0  # nothing re-evaluated
+    assert not parse_queue(store.list(""), "fake")[2].claims
+
+
 def test_claims_are_exclusive_under_contention(tmp_path) -> None:
     """Many threads race for one step, over and over: never two holders at once."""
     store = open_store(str(tmp_path / "q"))

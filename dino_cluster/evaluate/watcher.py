@@ -102,6 +102,7 @@ class Watcher:
         self.stats = WatchStats()
         self._manifests: dict[int, tuple[tuple[int, float], float]] = {}  # step -> (id, time)
         self._final: set[tuple[str, int, float]] = set()  # (kind, step, manifest time)
+        self.lingering = 0  # live claims left on final steps (see pending)
 
     # -- what is there ---------------------------------------------------------------------
     def committed(self, infos: list[ObjectInfo]) -> dict[int, float]:
@@ -135,16 +136,24 @@ class Watcher:
         return out
 
     def pending(self) -> tuple[list[tuple[EvalQueue, int, float]], list[ObjectInfo]]:
-        """(queue, step, manifest time) still to evaluate, and the listing they came from."""
+        """(queue, step, manifest time) still to evaluate, and the listing they came from.
+
+        Also counts, in `self.lingering`, claims left on final steps by a watcher killed
+        between writing the final status and releasing its claim: they are reaped once
+        stale, and the watcher does not call the queue drained while any is left.
+        """
         infos = self.store.list("")
         steps = self.committed(infos)
         todo: list[tuple[EvalQueue, int, float]] = []
+        self.lingering = 0
         for kind, queue in self.queues.items():
             entries = parse_queue(infos, kind)
             for step, mtime in sorted(steps.items()):
-                if (kind, step, mtime) in self._final:
-                    continue
                 entry = entries.get(step)
+                if (kind, step, mtime) in self._final:
+                    if entry is not None and entry.claims:
+                        self.lingering += len(queue.live_claims(step, entry))
+                    continue
                 if entry is not None and entry.has_status:
                     status = queue.read_status(step)
                     if (
@@ -153,6 +162,8 @@ class Watcher:
                         and status.get("state") in TERMINAL
                     ):
                         self._final.add((kind, step, mtime))
+                        if entry.claims:
+                            self.lingering += len(queue.live_claims(step, entry))
                         continue
                 todo.append((queue, step, mtime))
         return todo, infos
@@ -172,7 +183,7 @@ class Watcher:
             claim = queue.try_claim(step, entry)
             if claim is not None:
                 self._start(queue, claim, mtime)
-        return len(todo)
+        return len(todo) + self.lingering
 
     def _start(self, queue: EvalQueue, claim: Claim, mtime: float) -> None:
         # Re-read under the claim: the previous holder wrote its status before releasing.
