@@ -361,6 +361,23 @@ class EvaluationSpec(_Section):
     linear_epochs: PositiveInt = 100
     gpus: NonNegInt = 0
     cpus: PositiveInt = 2
+    # Where each evaluation runs: auto = the run's backend (local process, Ray task, SLURM
+    # job; kuberay runs them as Ray tasks on the run's cluster).
+    backend: Literal["auto", "local", "ray", "slurm"] = "auto"
+    mem_gb: PositiveInt | None = None  # SLURM --mem / Ray memory; None: the default
+    # SLURM evaluation jobs: None = the run's launcher.slurm value.
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_qos: str | None = None
+    slurm_time_min: PositiveInt = 120
+
+    @field_validator("slurm_partition", "slurm_account", "slurm_qos")
+    @classmethod
+    def _one_word(cls, v: str | None) -> str | None:
+        # These become `#SBATCH --key=value` lines: whitespace would split or inject lines.
+        if v is not None and (not v or any(c.isspace() for c in v)):
+            raise ValueError(f"must be a non-empty value without spaces or newlines (got {v!r})")
+        return v
 
     @model_validator(mode="after")
     def _urls(self) -> EvaluationSpec:
@@ -376,6 +393,30 @@ class MetricsSpec(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = pick a free port
 
 
+class PerformanceSpec(_Section):
+    """How the training step runs; none of it changes the method (tests/test_train_step.py).
+
+    Defaults: what is measured or known safe without a GPU measurement (README "Performance").
+    """
+
+    # torch.compile of the student and teacher backbones (one graph per crop resolution).
+    # Off: compiling costs minutes per process start, and the speed-up is unmeasured here.
+    compile: bool = False
+    # sdpa: timm's fused attention (F.scaled_dot_product_attention: flash / memory-efficient
+    # kernels on GPUs); eager: the explicit softmax(q k^T) v of the paper's code.
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    # Crops and the patch-embedding convolution in NHWC layout.
+    channels_last: bool = False
+    ddp_static_graph: bool = False
+    ddp_bucket_mb: Annotated[int, Field(ge=1, le=4096)] = 25  # DDP's own default
+    # Pinned host memory for batches (only when training on CUDA; copies are non_blocking).
+    pin_memory: bool = True
+    # AdamW implementation. auto: fused on CUDA, foreach elsewhere. Only the fused kernel can
+    # skip a non-finite step on the device (found_inf), so only it makes the step free of
+    # host syncs; foreach/single check the loss on the host every step.
+    fused_optimizer: Literal["auto", "fused", "foreach", "single"] = "auto"
+
+
 class JobSpec(_Section):
     run: RunSpec = RunSpec()
     model: ModelSpec = ModelSpec()
@@ -386,6 +427,7 @@ class JobSpec(_Section):
     launcher: LauncherSpec = LauncherSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     metrics: MetricsSpec = MetricsSpec()
+    performance: PerformanceSpec = PerformanceSpec()
 
     @model_validator(mode="after")
     def _cross_section(self) -> JobSpec:

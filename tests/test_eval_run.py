@@ -145,7 +145,12 @@ def test_training_run_gets_exactly_one_knn_result_per_checkpoint(
         assert knn["info"]["n_train"] == 512 and knn["info"]["n_val"] == 128
         assert knn["info"]["step"] == info.step
         assert 10.0 < knn["top1"] <= 100.0  # 10 classes: far above 0, a real number
-    assert stats.started == stats.done == len(infos)  # one evaluation each, none twice
+    # The launcher started its own watcher beside the run (evaluation.enabled), so the two
+    # watchers share the work: count evaluations across both (each LocalSubmitter logs one
+    # file per job, RUN/logs/eval/<kind>-step-N-attempt-A.log), not this watcher's stats.
+    assert stats.started == stats.done  # what this watcher started, it finished
+    jobs = sorted(p.name for p in (run_dir / "logs" / "eval").glob("knn-*.log"))
+    assert jobs == [f"knn-step-{i.step}-attempt-1.log" for i in infos]  # one each, none twice
     # The table `dino-cluster checkpoints RUN` prints shows the results.
     from typer.testing import CliRunner
 

@@ -80,6 +80,25 @@ def build_backbone(
     return model
 
 
+def set_attention(module: nn.Module, impl: str) -> int:
+    """Choose the attention kernel of every timm attention block in `module`.
+
+    "sdpa": `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPUs);
+    "eager": the explicit softmax(q k^T / sqrt(d)) v of the paper's code. timm reads its
+    global `use_fused_attn()` once per block at construction and stores it in the block's
+    `fused_attn` attribute, which its forward consults; setting that attribute per model
+    leaves timm's process-wide default alone. Returns the number of blocks set (0 for CNNs).
+    """
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"attention must be 'sdpa' or 'eager', got {impl!r}")
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = impl == "sdpa"
+            n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------------------------
 # Head
 

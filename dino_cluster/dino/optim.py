@@ -44,20 +44,47 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
+OptimizerImpl = Literal["auto", "fused", "foreach", "single"]
+
+
 def build_optimizer(
-    param_groups: list[dict[str, Any]], lr: float, *, fused: bool | None = None
+    param_groups: list[dict[str, Any]],
+    lr: float,
+    *,
+    fused: bool | None = None,
+    impl: OptimizerImpl | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`. `fused=None` picks the fused kernel when every parameter is
-    on CUDA, else the multi-tensor (foreach) implementation."""
+    """AdamW over `param_groups`.
+
+    `impl`: "fused" (one kernel for all parameters; the only one that honours an on-device
+    `found_inf`, see `dino_cluster.train.step`), "foreach" (multi-tensor), "single" (a Python
+    loop over parameters, the 2021 reference) or "auto" (fused when every parameter is on
+    CUDA, else foreach). The older `fused=True/False/None` spelling maps to fused/foreach/auto.
+    """
     groups = param_groups
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("no trainable parameters given to the optimizer")
-    if fused is None:
-        fused = all(p.is_cuda for p in params)
-    if fused:
+    if impl is None:
+        impl = "auto" if fused is None else ("fused" if fused else "foreach")
+    elif fused is not None:
+        raise ValueError("give either fused or impl, not both")
+    if impl == "auto":
+        impl = "fused" if all(p.is_cuda for p in params) else "foreach"
+    if impl == "fused":
         return torch.optim.AdamW(groups, lr=lr, fused=True)
-    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    if impl == "foreach":
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    if impl == "single":
+        return torch.optim.AdamW(groups, lr=lr, foreach=False, fused=False)
+    raise ValueError(f"optimizer impl must be one of auto, fused, foreach, single; got {impl!r}")
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """True when every parameter group runs the fused kernel (which accepts `found_inf`)."""
+    return bool(optimizer.param_groups) and all(
+        bool(g.get("fused")) for g in optimizer.param_groups
+    )
 
 
 def clip_gradients(
@@ -108,13 +135,16 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: float, freeze_last_laye
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float | Tensor) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters only.
 
     Buffers (e.g. BatchNorm statistics) are not averaged, as in the reference. Either model
-    may be wrapped by DDP or torch.compile.
+    may be wrapped by DDP or torch.compile. `momentum` may be a 0-d tensor on the teacher's
+    device: the training step selects 1.0 there for a skipped step without a host sync (the
+    teacher is then unchanged: t * 1 + s * 0 = t); a tensor is not range-checked, since that
+    would read it back to the host.
     """
-    if not 0.0 <= momentum <= 1.0:
+    if not isinstance(momentum, Tensor) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
     t_params = list(unwrap(teacher).parameters())
     s_params = [p.detach() for p in unwrap(student).parameters()]
@@ -123,4 +153,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model"
         )
     torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    if isinstance(momentum, Tensor):
+        # No foreach add takes a tensor alpha: scale a temporary copy of the student instead.
+        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))
+    else:
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)

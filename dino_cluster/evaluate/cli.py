@@ -2,7 +2,7 @@
 
     dino-cluster eval knn --checkpoint URL --spec SPEC [--step N] [--init random|pixels]
     dino-cluster eval linear --checkpoint URL --spec SPEC [--epochs N]
-    dino-cluster eval watch RUN [--once] [--poll S] [--max-attempts N]
+    dino-cluster eval watch RUN [--once] [--poll S] [--max-attempts N] [--backend B]
 
 Exit status as the runner: 0 ok, 1 failed, 2 bad input, 4 no such checkpoint.
 """
@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+if TYPE_CHECKING:
+    from dino_cluster.evaluate.submit import Submitter
+    from dino_cluster.evaluate.watcher import Watcher
+    from dino_cluster.metrics import JsonlSink
+    from dino_cluster.spec import JobSpec
+
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -147,6 +153,57 @@ def _finished(run_dir: Path):  # noqa: ANN202
     return finished
 
 
+def make_watcher(
+    job: JobSpec,
+    spec_path: Path,
+    run_dir: Path,
+    submitter: Submitter,
+    *,
+    kinds: list[str] | None = None,
+    max_attempts: int = 3,
+    parallel: int = 1,
+    lease: float = 60.0,
+    poll: float = 10.0,
+) -> tuple[Watcher, JsonlSink]:
+    """The watcher of a run's checkpoints, its results logged to RUN/metrics-eval.jsonl and
+    printed (used by `eval watch` and by the Ray driver). Close the sink when done."""
+    from dino_cluster.evaluate import runner
+    from dino_cluster.evaluate.watcher import Watcher
+    from dino_cluster.metrics import JsonlSink
+    from dino_cluster.storage import open_store
+
+    kinds = kinds or list(job.evaluation.kinds)
+    bad = [k for k in kinds if k not in runner.KINDS]
+    if bad:
+        raise ValueError(f"unknown --kind {bad[0]!r}; valid: {', '.join(runner.KINDS)}")
+    options = runner.storage_options(job)
+    store = open_store(job.checkpoint_url, options)
+    sink = JsonlSink(run_dir / "metrics-eval.jsonl")
+
+    def on_result(k: str, step: int, results: dict) -> None:
+        values = {
+            f"eval/{k}/{name}": float(v)
+            for name, v in results.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        sink.log(step, values)
+        console.print(f"step {step} {k}: {json.dumps(values)}", soft_wrap=True)
+
+    watcher = Watcher(
+        store,
+        submitter,
+        kinds=kinds,
+        spec_path=str(spec_path.resolve()),
+        storage_options=options,
+        max_attempts=max_attempts,
+        max_parallel=parallel,
+        lease_s=lease,
+        poll_s=poll,
+        on_result=on_result,
+    )
+    return watcher, sink
+
+
 @app.command()
 def watch(
     run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")],
@@ -160,17 +217,28 @@ def watch(
     kind: Annotated[
         list[str] | None, typer.Option("--kind", help="knn/linear (default: the spec's kinds).")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="Where evaluations run: auto (the run's backend), local, ray or slurm. "
+            "Default: the spec's evaluation.backend.",
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray cluster (host:port) for --backend ray; default: the run's."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate every committed checkpoint of RUN once per kind, until the run has ended.
 
     With --once: evaluate what can be claimed now, then exit.
     """
-    from dino_cluster.evaluate import runner
-    from dino_cluster.evaluate.submit import LocalSubmitter
-    from dino_cluster.evaluate.watcher import Watcher
-    from dino_cluster.metrics import JsonlSink
+    from dino_cluster.evaluate.submit import make_submitter, resolve_backend
+    from dino_cluster.launch.base import LaunchError
     from dino_cluster.spec import SpecError, load_spec
-    from dino_cluster.storage import open_store
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -181,40 +249,27 @@ def watch(
         if not spec_path.exists():
             raise ValueError(f"{run_dir}: no spec.resolved.yaml (has the run started?)")
         job = load_spec(spec_path)
-        kinds = kind or list(job.evaluation.kinds)
-        bad = [k for k in kinds if k not in runner.KINDS]
-        if bad:
-            raise ValueError(f"unknown --kind {bad[0]!r}; valid: {', '.join(runner.KINDS)}")
-        options = runner.storage_options(job)
-        store = open_store(job.checkpoint_url, options)
-    except (SpecError, ValueError) as exc:
+        name = resolve_backend(job, run_dir, backend)
+        if name == "ray" and address is None:
+            from dino_cluster.evaluate.submit_ray import run_address
+
+            address = run_address(run_dir, job.launcher.ray.address)
+        submitter = make_submitter(name, job, run_dir, ray_address=address)
+        watcher, sink = make_watcher(
+            job,
+            spec_path,
+            run_dir,
+            submitter,
+            kinds=kind,
+            max_attempts=max_attempts,
+            parallel=parallel,
+            lease=lease,
+            poll=poll,
+        )
+    except (SpecError, ValueError, LaunchError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
-    sink = JsonlSink(run_dir / "metrics-eval.jsonl")
-
-    def on_result(k: str, step: int, results: dict) -> None:
-        values = {
-            f"eval/{k}/{name}": float(v)
-            for name, v in results.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        sink.log(step, values)
-        console.print(f"step {step} {k}: {json.dumps(values)}")
-
-    watcher = Watcher(
-        store,
-        LocalSubmitter(
-            cpus=job.evaluation.cpus, gpus=job.evaluation.gpus, log_dir=run_dir / "logs" / "eval"
-        ),
-        kinds=kinds,
-        spec_path=str(spec_path.resolve()),
-        storage_options=options,
-        max_attempts=max_attempts,
-        max_parallel=parallel,
-        lease_s=lease,
-        poll_s=poll,
-        on_result=on_result,
-    )
+    console.print(f"watching {run_dir}: evaluations run on the {name} backend", soft_wrap=True)
     started = time.time()
     try:
         stats = watcher.run(once=once, finished=_finished(run_dir))

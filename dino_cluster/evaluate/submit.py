@@ -7,25 +7,36 @@ with one of the codes below; the watcher reads the record back.
 
 - `LocalSubmitter`: a `python -m dino_cluster.evaluate.runner` subprocess on this machine
   (the local backend), with the evaluation's CPU threads and GPU from the spec.
+- `RaySubmitter` (submit_ray.py): a Ray task on the run's Ray cluster with `num_cpus` /
+  `num_gpus` from the spec; cancel force-kills its worker.
+- `SlurmSubmitter` (submit_slurm.py): one sbatch job per evaluation running the same runner
+  command; exit code from scontrol/sacct, cancel with scancel.
 - `InlineSubmitter`: a Python callable in a thread (tests, custom evaluators).
-A Ray submitter would start a Ray task/job with `num_cpus`/`num_gpus` from the spec, a SLURM
-one an sbatch job running the same runner command (`runner_command` builds it).
+
+`make_submitter` picks one from `evaluation.backend` (auto: the backend the run was
+launched with; kuberay runs evaluations as Ray tasks) and `spawn_watcher` starts
+`dino-cluster eval watch RUN` beside a run (local and SLURM launchers; the Ray driver runs
+the watcher in a thread, see launch/ray_driver.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dino_cluster.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from dino_cluster.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +72,34 @@ class Submitter(Protocol):
     def submit(self, job: EvalJob) -> EvalHandle: ...
 
 
-def runner_command(job: EvalJob) -> list[str]:
-    """The command that evaluates `job` on any machine that can read the checkpoint store."""
+RUNNER_MODULE = "dino_cluster.evaluate.runner"
+
+
+def runner_args(job: EvalJob) -> list[str]:
+    """The runner's arguments for `job` (what follows `python -m dino_cluster.evaluate.runner`)."""
     if job.spec_path is None:
         raise ValueError("a runner job needs the run's spec file (spec_path)")
-    cmd = [
-        sys.executable,
-        "-m",
-        "dino_cluster.evaluate.runner",
-        "--kind",
-        job.kind,
-        "--checkpoint",
-        job.checkpoint_url,
-        "--step",
-        str(job.step),
-        "--spec",
-        job.spec_path,
-    ]
+    args = ["--kind", job.kind, "--checkpoint", job.checkpoint_url, "--step", str(job.step)]
+    args += ["--spec", job.spec_path]
     opts = job.storage_options
     if opts is not None and opts.endpoint_url:
-        cmd += ["--endpoint-url", opts.endpoint_url]
-    return cmd
+        args += ["--endpoint-url", opts.endpoint_url]
+    return args
+
+
+def runner_command(job: EvalJob, python: str | None = None) -> list[str]:
+    """The command that evaluates `job` on any machine that can read the checkpoint store
+    (`python`: the interpreter to name, default this one)."""
+    return [python or sys.executable, "-m", RUNNER_MODULE, *runner_args(job)]
+
+
+def eval_env(base: Mapping[str, str], cpus: int) -> dict[str, str]:
+    """The environment of one evaluation process: its CPU threads, and not a rank of the
+    training run's process group (torchrun variables removed)."""
+    env = dict(base, OMP_NUM_THREADS=str(cpus), PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
 
 class _ProcessHandle:
@@ -108,10 +126,7 @@ class LocalSubmitter:
         self.log_dir = Path(log_dir) if log_dir is not None else None
 
     def submit(self, job: EvalJob) -> EvalHandle:
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.cpus), PYTHONUNBUFFERED="1")
-        # One process, not part of the training run's process group.
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-            env.pop(key, None)
+        env = eval_env(os.environ, self.cpus)
         if self.gpus == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""
         out: Any = subprocess.DEVNULL
@@ -176,3 +191,64 @@ class InlineSubmitter:
             return EXIT_OK
 
         return _ThreadHandle(run)
+
+
+# -- choosing the submitter -------------------------------------------------------------------
+
+EVAL_BACKENDS = ("auto", "local", "ray", "slurm")
+
+
+def resolve_backend(
+    spec: JobSpec, run_dir: str | Path | None = None, name: str | None = None
+) -> str:
+    """local | ray | slurm for `name` (default `evaluation.backend`); auto = the backend the
+    run was launched with (RUN/launch.json, else `launcher.backend`), kuberay -> ray."""
+    name = name or spec.evaluation.backend
+    if name not in EVAL_BACKENDS:
+        raise ValueError(f"unknown evaluation backend {name!r}; valid: {', '.join(EVAL_BACKENDS)}")
+    if name != "auto":
+        return name
+    name = spec.launcher.backend
+    launch = Path(run_dir) / "launch.json" if run_dir is not None else None
+    if launch is not None and launch.exists():
+        try:
+            name = json.loads(launch.read_text()).get("backend", name)
+        except (ValueError, OSError):
+            pass  # being rewritten: the spec says the same unless --backend overrode it
+    return "ray" if name == "kuberay" else name
+
+
+def make_submitter(
+    name: str, spec: JobSpec, run_dir: str | Path, *, ray_address: str | None = None
+) -> Submitter:
+    """The submitter for a resolved backend name (see resolve_backend)."""
+    ev = spec.evaluation
+    if name == "local":
+        return LocalSubmitter(cpus=ev.cpus, gpus=ev.gpus, log_dir=Path(run_dir) / "logs" / "eval")
+    if name == "ray":
+        from dino_cluster.evaluate.submit_ray import RaySubmitter
+
+        return RaySubmitter(address=ray_address, cpus=ev.cpus, gpus=ev.gpus, mem_gb=ev.mem_gb)
+    if name == "slurm":
+        from dino_cluster.evaluate.submit_slurm import SlurmSubmitter
+
+        return SlurmSubmitter.from_spec(spec, run_dir)
+    raise ValueError(f"no submitter for backend {name!r}; valid: local, ray, slurm")
+
+
+def spawn_watcher(run_dir: str | Path) -> int:
+    """Start `dino-cluster eval watch RUN` as a detached process (its own session, so it
+    outlives the launching shell); log RUN/logs/eval-watch.log, pid RUN/eval-watch.pid. It
+    exits once the run has ended and every committed checkpoint has its evaluations."""
+    run_dir = Path(run_dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "logs" / "eval-watch.log", "ab") as wlog:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dino_cluster.evaluate.cli", "watch", str(run_dir)],
+            stdout=wlog,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    (run_dir / "eval-watch.pid").write_text(str(proc.pid))
+    return proc.pid

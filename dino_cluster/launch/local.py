@@ -134,17 +134,11 @@ class LocalBackend:
             )
         )
         if spec.evaluation.enabled:
+            from dino_cluster.evaluate.submit import spawn_watcher
+
             # The evaluation watcher runs beside training (not one of the run's ranks); it
             # claims each committed checkpoint once and exits when the run has ended.
-            wlog = open(run_dir / "logs" / "eval-watch.log", "ab")  # noqa: SIM115
-            watcher = subprocess.Popen(
-                [sys.executable, "-m", "dino_cluster.evaluate.cli", "watch", str(run_dir)],
-                stdout=wlog,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            wlog.close()
-            (run_dir / "eval-watch.pid").write_text(str(watcher.pid))
+            spawn_watcher(run_dir)
         result = SubmitResult(str(run_dir), job_id=str(pids[0]), status="running")
         if detach:
             return result

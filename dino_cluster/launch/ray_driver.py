@@ -225,10 +225,14 @@ def _link_class() -> type:
 
 
 def run_driver(
-    spec: JobSpec, address: str | None = None, stop_event: threading.Event | None = None
+    spec: JobSpec,
+    address: str | None = None,
+    stop_event: threading.Event | None = None,
+    spec_path: str | Path | None = None,
 ) -> DriverResult:
     """Connect to (or start) Ray, train, and return how it ended. Raises LaunchError on a
-    startup deadline or when Ray cannot be reached."""
+    startup deadline or when Ray cannot be reached. With `evaluation.enabled` the
+    evaluation watcher runs beside training in this process (launch/ray_eval.py)."""
     stop_event = stop_event or threading.Event()
     if address is None or address.split(":")[0] in ("127.0.0.1", "localhost"):
         # Must be set before Ray is imported: it reads it once, at import.
@@ -251,11 +255,13 @@ def run_driver(
 
     cluster: LocalRayCluster | None = None
     if private:
-        lc = spec.launcher
+        lc, ev = spec.launcher, spec.evaluation
+        # Room for one evaluation task beside the training workers.
+        eval_cpus = ev.cpus if ev.enabled else 0
         try:
             cluster = LocalRayCluster.start(
-                num_cpus=max(os.cpu_count() or 1, lc.world_size * lc.cpus_per_worker),
-                num_gpus=None if lc.gpus_per_node else 0,
+                num_cpus=max(os.cpu_count() or 1, lc.world_size * lc.cpus_per_worker) + eval_cpus,
+                num_gpus=None if lc.gpus_per_node or (ev.enabled and ev.gpus) else 0,
                 temp_dir=None,
             )
         except BaseException:
@@ -274,9 +280,25 @@ def run_driver(
         )
     try:
         ray.init(address=address or "auto", log_to_driver=True, logging_level=logging.WARNING)
+        evals = None
+        result: DriverResult | None = None
         try:
-            return _run_on_ray(spec, stop_event)
+            if spec.evaluation.enabled:
+                from dino_cluster.launch.ray_eval import DriverEvaluations
+
+                path = Path(spec_path or spec.run_dir / "spec.resolved.yaml").resolve()
+                try:
+                    evals = DriverEvaluations(spec, path, stop_event).start()
+                except Exception:  # evaluation trouble never stops training
+                    log.exception("no evaluations beside this run (`dino-cluster eval watch`)")
+            result = _run_on_ray(spec, stop_event)
+            return result
         finally:
+            if evals is not None:
+                # The last checkpoints are evaluated before Ray goes; a failed or cancelled
+                # run leaves them to `dino-cluster eval watch RUN`.
+                ok = result is not None and result.status in ("completed", "max_steps")
+                evals.finish(wait=ok and not stop_event.is_set())
             ray.shutdown()
     finally:
         if cluster is not None:
@@ -333,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        result = run_driver(spec, address, stop_event)
+        result = run_driver(spec, address, stop_event, spec_path=args.spec)
     except LaunchError as exc:
         result = DriverResult("failed", message=str(exc))
     write_result(spec, result)

@@ -9,6 +9,13 @@ Every task runs dino_cluster.launch.slurm_task.SlurmTrainTask (submitit) or
 `python -m dino_cluster.train` (sbatch script); both checkpoint on USR2/TERM, requeue the
 job and resume. RUN/launch.json names the job for status/logs/cancel, whichever way it was
 submitted. submitit is imported only when submitting.
+
+With `evaluation.enabled`, `submit` also starts the evaluation watcher on the submit host
+(`dino-cluster eval watch RUN`, detached, log RUN/logs/eval-watch.log): it only lists the
+checkpoint store and talks to sbatch/scontrol, so it suits a login node, survives the
+training job's requeues and does not hold the training allocation while the last
+checkpoint is evaluated. Each evaluation is its own sbatch job (evaluate/submit_slurm.py).
+A hand-submitted script (`render`) starts no watcher: run `dino-cluster eval watch RUN`.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from dino_cluster.spec import JobSpec, write_resolved
 POLL_S = 0.5
 
 
-def _slurm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _slurm(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     if shutil.which(args[0]) is None:
         raise LaunchError(
             f"{args[0]} not found: run this on a SLURM login node (for the local "
@@ -44,7 +53,7 @@ def _slurm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         )
     try:
         return subprocess.run(
-            list(args), capture_output=True, text=True, timeout=timeout, check=False
+            list(args), capture_output=True, text=True, timeout=timeout, check=False, env=env
         )
     except subprocess.TimeoutExpired:
         raise LaunchError(f"{' '.join(args)}: no answer from SLURM in {timeout:.0f} s") from None
@@ -146,6 +155,12 @@ class SlurmBackend:
             "submitted": time.time(),
         }
         (run_dir / "launch.json").write_text(json.dumps(info, indent=1) + "\n")
+        if spec.evaluation.enabled:
+            from dino_cluster.evaluate.submit import spawn_watcher
+
+            # On this (submit) host, detached: it lists the checkpoint store, sbatches one
+            # evaluation job per committed checkpoint and exits once the run has ended.
+            print(f"evaluation watcher started (pid {spawn_watcher(run_dir)})", flush=True)
         log0 = pattern.format(job_id=job_id, rank=0)
         print(
             f"submitted SLURM job {job_id}: {r.nodes} node(s) x {r.tasks_per_node} task(s)"

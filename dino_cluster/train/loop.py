@@ -2,9 +2,11 @@
 
 Read top to bottom: build student/teacher/loss/optimizer from the spec, build the data
 stream, resume from the latest committed checkpoint (by step), then for every step:
-schedules -> student on all crops, teacher on the 2 global crops -> DINO loss -> skip if
-non-finite -> backward, clip, freeze last layer -> optimizer step -> EMA teacher ->
-metrics at cadence -> checkpoint at cadence or on a launcher signal.
+schedules -> one optimisation step (train/step.py: student on all crops, teacher on the 2
+global crops, DINO loss, backward, clip, freeze last layer, AdamW, EMA teacher; a non-finite
+step is skipped on every rank) -> at logging cadence: agree on skipped steps and stop requests
+(one host sync; every step on the foreach/CPU path), metrics -> checkpoint at cadence or on a
+launcher signal.
 
 Nothing here knows who launched it: the launcher passes an optional `report` hook (Ray uses
 it) and the environment tells us our rank.
@@ -12,7 +14,6 @@ it) and the environment tells us our rank.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
@@ -29,13 +30,7 @@ from dino_cluster.dino.augment import MultiCropAugment
 from dino_cluster.dino.augment_batched import BatchedMultiCropAugment
 from dino_cluster.dino.loss import DINOLoss
 from dino_cluster.dino.model import MultiCropWrapper, build_student_teacher
-from dino_cluster.dino.optim import (
-    build_optimizer,
-    cancel_last_layer_gradients,
-    clip_gradients,
-    ema_update,
-    param_groups,
-)
+from dino_cluster.dino.optim import build_optimizer, param_groups
 from dino_cluster.dino.schedules import cosine_schedule, teacher_temp_schedule
 from dino_cluster.metrics import (
     ConsoleSink,
@@ -49,16 +44,14 @@ from dino_cluster.metrics import (
 from dino_cluster.spec import JobSpec, write_resolved
 from dino_cluster.storage import StorageOptions
 from dino_cluster.train import rng
-from dino_cluster.train.distributed import DistInfo, all_reduce_max, init_distributed
+from dino_cluster.train.distributed import DistInfo, init_distributed
 from dino_cluster.train.signals import StopRequest
+from dino_cluster.train.step import NonFiniteLossError, TrainStep, prepare_models
 
 log = logging.getLogger(__name__)
 
 ReportHook = Callable[[dict[str, float], int | None], None]
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after `method.max_nonfinite_steps` consecutive non-finite losses."""
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 
 @dataclass
@@ -176,13 +169,21 @@ def train(
     student, teacher = build_models(spec)
     student.to(device)
     teacher.to(device)
+    perf = spec.performance
+    prepare_models(
+        student,
+        teacher,
+        attention=perf.attention,
+        channels_last=perf.channels_last,
+        compile=perf.compile,
+    )
     dino_loss = DINOLoss(
         spec.model.out_dim,
         spec.method.crops.n_crops,
         student_temp=spec.method.student_temp,
         center_momentum=spec.method.center_momentum,
     ).to(device)
-    optimizer = build_optimizer(param_groups(student), lr=0.0)
+    optimizer = build_optimizer(param_groups(student), lr=0.0, impl=perf.fused_optimizer)
     amp_dtype, use_scaler = _precision(spec, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     rng.seed_all(spec.run.seed + info.rank)
@@ -232,6 +233,7 @@ def train(
         storage_options=storage_options(spec),
         state=data_state,
         max_image_pixels=spec.data.max_image_pixels,
+        pin_memory=perf.pin_memory and device.type == "cuda",
     )
     ipe = stream.iters_per_epoch
     if ipe < 1:
@@ -251,7 +253,25 @@ def train(
 
     model: torch.nn.Module = student
     if info.distributed:
-        model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=perf.ddp_bucket_mb,
+            static_graph=perf.ddp_static_graph,
+        )
+    train_step = TrainStep(
+        model,
+        teacher,
+        dino_loss,
+        optimizer,
+        scaler,
+        amp_dtype=amp_dtype,
+        clip_grad=o.clip_grad,
+        clip_mode=o.clip_mode,
+        freeze_last_layer=o.freeze_last_layer,
+        channels_last=perf.channels_last,
+    )
+    log_every = spec.metrics.log_every_steps
 
     stop = stop or StopRequest()
     if install_signal_handlers:
@@ -281,7 +301,7 @@ def train(
         last["checkpoint_failed_uploads"] = float(ckpt.failed_uploads)
 
     last: dict[str, float] = {}
-    skipped = consecutive_bad = 0
+    skipped = 0
     status = "completed"
     epoch = step // ipe
     window_t0, window_imgs, data_wait = time.perf_counter(), 0, 0.0
@@ -305,64 +325,28 @@ def train(
                     crops = device_augment.per_batch([*views, params])
                 else:
                     crops = [c.to(device, non_blocking=True) for c in crops]
-                autocast = (
-                    torch.autocast(device.type, dtype=amp_dtype)
-                    if amp_dtype
-                    else contextlib.nullcontext()
+                loss = train_step(
+                    crops,
+                    epoch=epoch,
+                    teacher_temp=float(temp_sched[it]),
+                    momentum=float(mom_sched[it]),
+                    stop_requested=stop.requested,
                 )
-                center_before = dino_loss.center.clone()
-                with autocast:
-                    teacher_out = teacher(crops[:2])
-                    student_out = model(crops)
-                    loss = dino_loss(student_out, teacher_out, float(temp_sched[it]))
-
-                # One host sync per step, and one tiny all-reduce: every rank must agree to
-                # skip a non-finite step (or DDP would hang) and to stop on a signal that
-                # reached only some ranks (checkpointing is a collective).
-                flags = torch.stack(
-                    [
-                        (~torch.isfinite(loss.detach())).float(),
-                        torch.tensor(float(stop.requested), device=device),
-                    ]
-                )
-                bad, stop_now = all_reduce_max(flags).tolist()
-                stopping = stop_now > 0  # decided together: a later signal waits a step
-                if bad > 0:
-                    dino_loss.center.copy_(center_before)
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    consecutive_bad += 1
-                    log.warning(
-                        "non-finite loss at step %d: step skipped (%d in a row)",
-                        step,
-                        consecutive_bad,
-                    )
-                    if consecutive_bad >= me.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{consecutive_bad} consecutive non-finite losses at step {step}: "
-                            "stopping. Try precision bf16/fp32, a lower optim.base_lr, "
-                            "optim.clip_grad, or a longer teacher-temperature warm-up."
-                        )
-                else:
-                    consecutive_bad = 0
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if o.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        clip_gradients(_unwrap(model), o.clip_grad, mode=o.clip_mode)
-                    cancel_last_layer_gradients(_unwrap(model), epoch, o.freeze_last_layer)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    ema_update(teacher, _unwrap(model), float(mom_sched[it]))
-
                 step += 1
                 window_imgs += o.global_batch
-                if step % spec.metrics.log_every_steps == 0 or step == end_step:
+                at_log = step % log_every == 0 or step == end_step
+                stopping = False
+                check = None
+                if at_log or not train_step.sync_free:
+                    # The host learns about skipped steps and stop requests here only: one
+                    # sync per logging window on the sync-free path.
+                    check = train_step.check(stop.requested)
+                    skipped, stopping = check.skipped, check.stop
+                if at_log:
                     elapsed = max(time.perf_counter() - window_t0, 1e-9)
                     ent = dino_loss.last_teacher_entropy
                     kl = dino_loss.last_kl
                     window_steps = max(round(window_imgs / o.global_batch), 1)
-                    kl = dino_loss.last_kl
                     last.update(
                         {
                             "epoch": float(epoch),
@@ -387,6 +371,13 @@ def train(
                     )
                     sink.log(step, last)
                     window_t0, window_imgs, data_wait = time.perf_counter(), 0, 0.0
+                if check is not None and check.longest >= me.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{me.max_nonfinite_steps} consecutive non-finite losses (seen at step "
+                        f"{step}, {check.skipped} skipped in all): stopping. Try precision "
+                        "bf16/fp32, a lower optim.base_lr, optim.clip_grad, or a longer "
+                        "teacher-temperature warm-up."
+                    )
 
                 at_epoch_end = step % ipe == 0
                 due = (every and step % every == 0) or (not every and at_epoch_end)
@@ -401,7 +392,7 @@ def train(
                     save(step, step // ipe)
                     if report is not None:
                         report(dict(last), step)
-                elif report is not None and step % spec.metrics.log_every_steps == 0:
+                elif report is not None and step % log_every == 0:
                     report(dict(last), None)
                 t_fetch = time.perf_counter()
             else:
