@@ -185,6 +185,12 @@ EXPORTED: tuple[MetricDef, ...] = (
     MetricDef("dino_restarts", "gauge", "Restarts of the run (SLURM requeues)", "restarts"),
     MetricDef("dino_world_size", "gauge", "Number of training ranks", "world_size"),
     MetricDef(
+        "dino_report_wait_seconds",
+        "counter",
+        "Training time spent handing metrics/checkpoints to the launcher (Ray Train report)",
+        "report_wait_s",
+    ),
+    MetricDef(
         "dino_gpu_memory_allocated_bytes",
         "gauge",
         "CUDA memory allocated by tensors",

@@ -305,6 +305,7 @@ def train(
     status = "completed"
     epoch = step // ipe
     window_t0, window_imgs, data_wait = time.perf_counter(), 0, 0.0
+    report_wait = 0.0  # seconds spent in `report` (the launcher's hook), cumulative
     try:
         while step < end_step and status == "completed":
             epoch = step // ipe
@@ -365,6 +366,7 @@ def train(
                             "center_norm": float(dino_loss.center.norm()),
                             "step_time_s": elapsed / window_steps,
                             "world_size": float(info.world_size),
+                            "report_wait_s": report_wait,
                             **checkpoint_values(ckpt),
                             **gpu_memory_values(device),
                         }
@@ -390,10 +392,15 @@ def train(
                     break
                 if due:
                     save(step, step // ipe)
-                    if report is not None:
-                        report(dict(last), step)
-                elif report is not None and step % log_every == 0:
-                    report(dict(last), None)
+                if report is not None and (due or step % log_every == 0):
+                    t_report = time.perf_counter()
+                    report(dict(last), step if due else None)
+                    # A report can block (Ray Train paces reports ~2 s apart by default):
+                    # exported as its own figure and kept out of the step-time window, so
+                    # images_per_s / step_time_s measure training, not the pacing.
+                    waited = time.perf_counter() - t_report
+                    report_wait += waited
+                    window_t0 += waited
                 t_fetch = time.perf_counter()
             else:
                 if step == step_at_epoch_start:
