@@ -39,6 +39,7 @@ TINY = [
     "optim.warmup_epochs=1",
     "data.num_workers=0",
     "data.shuffle_buffer=32",
+    "evaluation.enabled=false",
 ]
 
 

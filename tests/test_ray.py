@@ -38,6 +38,7 @@ TINY = [
     "checkpoint.every_steps=2",
     "launcher.backend=ray",
     "launcher.procs_per_node=2",
+    "evaluation.enabled=false",
 ]
 
 

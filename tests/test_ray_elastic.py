@@ -108,6 +108,7 @@ def test_grows_and_shrinks_with_the_cluster_keeping_the_global_batch(
                 "method.crops.n_local=2",
                 "data.num_workers=0",
                 "data.shuffle_buffer=64",
+                "evaluation.enabled=false",
                 "metrics.log_every_steps=2",
                 "optim.global_batch=16",
                 "checkpoint.every_steps=2",

@@ -31,6 +31,7 @@ def test_quickstart_on_embedded_ray_two_workers(tmp_path: Path, fmnist_shards: P
         "optim.max_steps=6",
         "checkpoint.every_steps=3",
         "metrics.log_every_steps=3",
+        "evaluation.enabled=false",
     ]
     cmd = [sys.executable, "-m", "dino_cluster.cli", "submit", str(REPO / "jobs/quickstart.yaml")]
     cmd += ["--backend", "ray"] + [a for s in sets for a in ("--set", s)]

@@ -31,6 +31,7 @@ def _spec(tmp_path: Path, shards: Path, bucket: str, name: str) -> Path:
             f"data.url={shards}",
             "data.num_workers=0",
             "data.shuffle_buffer=32",
+            "evaluation.enabled=false",
             "model.depth=1",
             "model.embed_dim=32",
             "model.num_heads=2",

@@ -41,6 +41,7 @@ def tiny_spec(tmp_path: Path, shards: Path, name: str, *extra: str) -> JobSpec:
             "model.bottleneck_dim=32",
             "method.crops.n_local=2",
             "data.num_workers=0",
+            "evaluation.enabled=false",
             "data.shuffle_buffer=64",
             "optim.global_batch=16",
             "metrics.log_every_steps=1",

@@ -28,6 +28,7 @@ TINY = [
     "data.num_workers=0",
     "data.shuffle_buffer=64",
     "metrics.log_every_steps=2",
+    "evaluation.enabled=false",  # the quickstart's watcher: tested in test_quickstart_knn
 ]
 
 
@@ -58,7 +59,7 @@ def _rank_main(rank: int, world: int, port: int, spec_yaml: str, out: str) -> No
 
 
 def test_two_gloo_ranks_stay_in_sync(tmp_path: Path, fmnist_shards: Path) -> None:
-    from dino_cluster.launch.local import free_port
+    from dino_cluster.launch.base import free_port
     from dino_cluster.spec import write_resolved
 
     spec = tiny_spec(
@@ -111,6 +112,8 @@ def test_quickstart_learns_on_real_images(tmp_path: Path, fmnist_shards: Path) -
         "metrics.log_every_steps=5",
         "--set",
         "checkpoint.every_steps=20",
+        "--set",
+        "evaluation.enabled=false",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

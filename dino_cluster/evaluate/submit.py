@@ -252,3 +252,35 @@ def spawn_watcher(run_dir: str | Path) -> int:
         )
     (run_dir / "eval-watch.pid").write_text(str(proc.pid))
     return proc.pid
+
+
+def wait_for_watcher(run_dir: str | Path, pid: int, *, poll_s: float = 1.0) -> bool:
+    """Block until the watcher `pid` beside a finished foreground run exits, echoing its
+    result lines ("step N knn: ..."), so `submit` ends with the run's evaluations. Ctrl-C
+    stops the waiting, not the watcher. Returns False when interrupted."""
+    import time
+
+    from dino_cluster.launch.base import pid_alive
+
+    path = Path(run_dir) / "logs" / "eval-watch.log"
+    print(f"training ended; waiting for the evaluations of its checkpoints ({path})", flush=True)
+    offset = 0
+    try:
+        while True:
+            alive = pid_alive(pid)
+            if path.exists():
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                # Whole lines only: a line still being written is read on the next pass.
+                end = chunk.rfind(b"\n") + 1
+                offset += end
+                for line in chunk[:end].decode("utf-8", "replace").splitlines():
+                    if line.startswith(("step ", "watcher done")):
+                        print(line, flush=True)
+            if not alive:
+                return True
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"still evaluating in the background (pid {pid}); see {path}", flush=True)
+        return False

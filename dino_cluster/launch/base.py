@@ -7,7 +7,10 @@ submitit unless the spec asks for them.
 from __future__ import annotations
 
 import importlib
+import os
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from dino_cluster.spec import JobSpec
@@ -18,6 +21,50 @@ BACKENDS: dict[str, str] = {
     "kuberay": "dino_cluster.launch.kuberay:KubeRayBackend",
     "slurm": "dino_cluster.launch.slurm:SlurmBackend",
 }
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a rendezvous or a metrics server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs; a zombie child of ours is reaped and counts as ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def missing_local_inputs(spec: JobSpec) -> list[str]:
+    """The spec's local data paths (training shards; evaluation shards when enabled) that do
+    not exist on this machine, each as "field: path (why)". URLs with a scheme other than
+    file:// are not checked here: the store reports them with its own retries."""
+    fields = [("data.url", spec.data.url)]
+    if spec.evaluation.enabled:
+        fields += [
+            ("evaluation.train_url", spec.evaluation.train_url),
+            ("evaluation.val_url", spec.evaluation.val_url),
+        ]
+    missing = []
+    for name, url in fields:
+        if not url or ("://" in url and not url.startswith("file://")):
+            continue
+        path = Path(url.removeprefix("file://"))
+        # A brace pattern (shard-{000000..000009}.tar) names files in one folder.
+        target = path.parent if "{" in path.name else path
+        if not target.exists():
+            missing.append(f"{name}: {url} does not exist (relative to {Path.cwd()})")
+    return missing
 
 
 class LaunchError(RuntimeError):

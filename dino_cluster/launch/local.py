@@ -11,35 +11,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from dino_cluster.launch.base import LaunchError, SubmitResult
+from dino_cluster.launch.base import (
+    LaunchError,
+    SubmitResult,
+    free_port,
+    missing_local_inputs,
+    pid_alive,
+)
 from dino_cluster.spec import JobSpec, write_resolved
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours is not alive: reap it if it is ours.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 def read_launch(run_dir: str | Path) -> dict:
@@ -52,7 +36,7 @@ def read_launch(run_dir: str | Path) -> dict:
 def run_status(run_dir: str | Path) -> str:
     """running | completed | stopped | failed, from the processes and their exit files."""
     info = read_launch(run_dir)
-    if any(_alive(p) for p in info["pids"]):
+    if any(pid_alive(p) for p in info["pids"]):
         return "running"
     codes = []
     for rank in range(len(info["pids"])):
@@ -87,6 +71,12 @@ class LocalBackend:
             return SubmitResult(str(run_dir), status="dry-run", message=self.render(spec))
         if (run_dir / "launch.json").exists() and run_status(run_dir) == "running":
             raise LaunchError(f"{run_dir}: this run is already running (dino-cluster status)")
+        if missing := missing_local_inputs(spec):
+            # Before anything is written: a run that cannot read its data is not started.
+            hint = ". Pack shards with `dino-cluster data pack` (README quickstart)"
+            if any(m.startswith("evaluation.") for m in missing):
+                hint += " or turn evaluation off: --set evaluation.enabled=false"
+            raise LaunchError("; ".join(missing) + hint)
         spec_path = write_resolved(spec, run_dir)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         exit_dir = run_dir / "exit"
@@ -133,12 +123,13 @@ class LocalBackend:
                 }
             )
         )
+        watcher = None
         if spec.evaluation.enabled:
             from dino_cluster.evaluate.submit import spawn_watcher
 
             # The evaluation watcher runs beside training (not one of the run's ranks); it
             # claims each committed checkpoint once and exits when the run has ended.
-            spawn_watcher(run_dir)
+            watcher = spawn_watcher(run_dir)
         result = SubmitResult(str(run_dir), job_id=str(pids[0]), status="running")
         if detach:
             return result
@@ -151,7 +142,13 @@ class LocalBackend:
                     p.send_signal(signal.SIGTERM)
             for p in procs:
                 p.wait()
+            watcher = None  # interrupted: the watcher finishes on its own, in the background
         result.status = run_status(run_dir)
+        if watcher is not None:
+            from dino_cluster.evaluate.submit import wait_for_watcher
+
+            # In the foreground the run is over when its last checkpoint is evaluated too.
+            wait_for_watcher(run_dir, watcher)
         return result
 
     def status(self, run_dir: str) -> str:
@@ -174,7 +171,7 @@ class LocalBackend:
         def running() -> bool:
             if _procs is not None:
                 return any(p.poll() is None for p in _procs)
-            return any(_alive(p) for p in info["pids"])
+            return any(pid_alive(p) for p in info["pids"])
 
         with open(path, "rb") as fh:
             while True:
@@ -193,5 +190,5 @@ class LocalBackend:
     def cancel(self, run_dir: str) -> None:
         info = read_launch(run_dir)
         for pid in info["pids"]:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)  # ranks checkpoint, then exit

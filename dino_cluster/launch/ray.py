@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dino_cluster.launch.base import LaunchError, SubmitResult
+from dino_cluster.launch.base import LaunchError, SubmitResult, pid_alive
 from dino_cluster.spec import JobSpec, spec_from_dict, write_resolved
 
 JOBS_SCHEMES = ("http://", "https://")
@@ -50,20 +50,6 @@ def localize_paths(spec: JobSpec) -> JobSpec:
         doc["evaluation"][key] = _absolute(doc["evaluation"][key])
     doc["launcher"]["ray"]["storage_path"] = _absolute(doc["launcher"]["ray"]["storage_path"])
     return spec_from_dict(doc, "<resolved spec>")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # reap our own zombie child
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 def _read_launch(run_dir: str | Path) -> dict[str, Any]:
@@ -213,7 +199,7 @@ class RayBackend:
             from dino_cluster.launch import ray_jobs
 
             return ray_jobs.status(info["address"], info["job_id"])
-        if _alive(int(info["pid"])):
+        if pid_alive(int(info["pid"])):
             return "running"
         resolved = Path(info["spec"])
         result = resolved.parent / "ray" / "driver-result.json"
@@ -238,7 +224,7 @@ class RayBackend:
                 ray_jobs.print_logs(info["address"], info["job_id"])
             return
         pid = int(info["pid"])
-        _follow(Path(run_dir) / "logs" / "driver.log", lambda: follow and _alive(pid))
+        _follow(Path(run_dir) / "logs" / "driver.log", lambda: follow and pid_alive(pid))
 
     def cancel(self, run_dir: str) -> None:
         info = _read_launch(run_dir)
@@ -248,7 +234,7 @@ class RayBackend:
             ray_jobs.cancel(info["address"], info["job_id"])
             return
         pid = int(info["pid"])
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGTERM)  # workers checkpoint, then the driver exits
 
 
