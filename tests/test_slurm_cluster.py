@@ -111,10 +111,7 @@ def test_submitit_job_is_preempted_checkpoints_requeues_resumes_and_completes(
         lambda: slurm_env.map_state(query_job(high)[0]) == "completed",
         timeout=120,
     )
-    c.start_now(job)
-    c.wait(
-        "the resumed job to complete", lambda: be.status(str(run_dir)) == "completed", timeout=180
-    )
+    c.resume_now(job, lambda: be.status(str(run_dir)) == "completed", "the resumed job to complete")
     log = rank_log(run_dir)
     assert "received SIGUSR2" in log
     assert f"resumed from step {stopped_at} " in log
@@ -158,10 +155,7 @@ def test_rendered_sbatch_script_time_limit_signal_requeues_and_resumes(
     c.wait("the job to requeue itself", lambda: be.status(str(run_dir)) == "requeued", timeout=120)
     stopped_at = last_step(run_dir)
     assert checkpoint_steps(spec) == [stopped_at] and 0 < stopped_at < STEPS
-    c.start_now(job)
-    c.wait(
-        "the resumed job to complete", lambda: be.status(str(run_dir)) == "completed", timeout=180
-    )
+    c.resume_now(job, lambda: be.status(str(run_dir)) == "completed", "the resumed job to complete")
     assert f"resumed from step {stopped_at} " in rank_log(run_dir)
     assert max(checkpoint_steps(spec)) == STEPS and last_step(run_dir) == STEPS
     assert slurm_env.read_requeues(run_dir)["requeues"] == 1
@@ -259,3 +253,52 @@ def test_hand_wrapper_trains_two_ranks_from_a_spec_file(
     )
     resolved = load_spec(run_dir / "spec.resolved.yaml")
     assert resolved.optim.max_steps == 2  # the --set override reached the training
+
+
+def test_submitted_run_starts_its_watcher_which_sbatches_one_knn_job_per_checkpoint(
+    slurm_cluster, fmnist_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`submit --backend slurm` with evaluation on: the watcher it starts on the submit host
+    sbatches one k-NN job per committed checkpoint, and exits after the run has ended."""
+    from dino_cluster.evaluate.queue import EvalQueue
+    from dino_cluster.launch.base import pid_alive
+    from dino_cluster.storage import open_store
+
+    c, be = slurm_cluster, SlurmBackend()
+    root = fmnist_shards.parent  # 8 shards of 128: 6 as the k-NN bank, 2 as queries
+    spec = tiny_spec(
+        tmp_path,
+        fmnist_shards,
+        "evaluated",
+        "optim.max_steps=6",
+        "checkpoint.every_steps=3",
+        "evaluation.enabled=true",
+        f"evaluation.train_url={root}/shard-{{000000..000005}}.tar",
+        f"evaluation.val_url={root}/shard-{{000006..000007}}.tar",
+        "evaluation.knn_k=[5,20]",
+        "evaluation.cpus=1",
+    )
+    run_dir = spec.run_dir
+    be.submit(spec, detach=True)
+    out = capsys.readouterr().out
+    assert "evaluation watcher started (pid" in out, out
+    pid = int((run_dir / "eval-watch.pid").read_text())
+    c.wait("the run to complete", lambda: be.status(str(run_dir)) == "completed", timeout=240)
+    c.wait("the watcher to finish and exit", lambda: not pid_alive(pid), timeout=240)
+    watch_log = (run_dir / "logs" / "eval-watch.log").read_text()
+    assert "evaluations run on the slurm backend" in watch_log, watch_log[-3000:]
+    assert "2 evaluated, 0 failed" in watch_log, watch_log[-3000:]
+
+    steps = checkpoint_steps(spec)
+    assert steps == [3, 6]
+    queue = EvalQueue(open_store(spec.checkpoint_url), "knn")
+    infos = CheckpointManager(spec.checkpoint_url, is_writer=False).list()
+    for info in infos:
+        status = queue.read_status(info.step)
+        assert status["state"] == "done" and status["attempts"] == 1, status
+        knn = info.evals["knn"]
+        assert knn["info"]["n_train"] == 768 and knn["info"]["n_val"] == 256
+        assert 10.0 < knn["top1"] <= 100.0
+    # Each evaluation was its own sbatch job, named for its step, its output in the run.
+    outs = sorted(p.name.rsplit("-", 1)[0] for p in (run_dir / "logs" / "eval").glob("*.out"))
+    assert outs == ["dino-eval-knn-step-3", "dino-eval-knn-step-6"], outs
