@@ -291,7 +291,7 @@ def train(
                 "epoch": epoch,
                 "world_size": info.world_size,
                 "data_position": stream.state_dict(gather=info.distributed),
-                "rng": rng.get_state(),
+                "rng": rng.get_state(gather=info.distributed),  # every rank's stream
                 "spec": spec.model_dump(mode="json"),
                 "iters_per_epoch": ipe,
             },
