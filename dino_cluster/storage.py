@@ -144,6 +144,12 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> int: ...
 
+    def sweep_temporaries(self, older_than_s: float) -> int:
+        """Remove half-written temporaries a killed writer left behind, older than
+        `older_than_s`; returns how many. Only local stores write through temporaries (S3
+        writes are atomic; its abandoned multipart uploads are the bucket lifecycle's job)."""
+        return 0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -132,6 +133,27 @@ class LocalStore(ObjectStore):
         for info in infos:
             self._prune_empty((self.root / info.key).parent)
         return len(infos)
+
+    def sweep_temporaries(self, older_than_s: float) -> int:
+        # A writer killed between mkstemp and os.replace leaves its temporary forever: listings
+        # skip it, so retention never sees it. A live writer keeps touching its file, so only
+        # the ones untouched for `older_than_s` are taken.
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if not name.startswith(TEMP_PREFIX):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    if path.stat().st_mtime >= cutoff:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:  # finished (renamed) or removed meanwhile
+                    continue
+                removed += 1
+                self._prune_empty(path.parent)
+        return removed
 
     def _prune_empty(self, folder: Path) -> None:
         # Folders are an artefact of local storage (S3 has none): drop the empty ones we

@@ -168,6 +168,36 @@ def test_retention_keeps_last_k_plus_every_mth_and_cleans_partials(tmp_path):
     assert step == 9 and state["teacher"]["backbone.w"][0] == -9.0
 
 
+def test_retention_sweeps_temporaries_of_killed_writers_only(tmp_path, caplog):
+    """A local writer killed mid-write leaves a `.~tmp-*` file that no listing shows; the
+    next retention pass removes it once it is stale, never a live writer's fresh one."""
+    import os
+    import time
+
+    from dino_cluster.checkpointing.manager import STALE_TEMP_S
+
+    root = tmp_path / "ckpt"
+    dead = root / "step-000000004" / ".~tmp-killed"  # its step never got a manifest
+    live = root / "step-000000005" / ".~tmp-writing"
+    dead_eval = root / "step-000000001" / "evals" / ".~tmp-knn"
+    for path in (dead, live, dead_eval):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(dead, (old, old))
+    os.utime(dead_eval, (old, old))
+    mgr = CheckpointManager(str(root), keep_last=3)
+    with caplog.at_level(logging.WARNING, logger="dino_cluster.checkpointing.manager"):
+        for step in (1, 2):
+            mgr.save(step, {"teacher": {"backbone.w": torch.zeros(2)}}, blocking=True)
+        assert mgr.wait(60)
+    assert not dead.exists() and not dead.parent.exists()  # its empty step folder too
+    assert not dead_eval.exists()
+    assert live.exists()
+    assert [i.step for i in mgr.list()] == [1, 2]
+    assert "removed 2 half-written temporary file(s)" in caplog.text
+
+
 def test_faulty_s3_uploads_retry_and_commit_never_half_visible(faulty_s3):
     bucket = faulty_s3.new_bucket("ckptf")
     url = f"s3://{bucket}/run/checkpoints"

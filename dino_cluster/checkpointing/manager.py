@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_EVAL_BYTES = 1 << 20
+# A temporary untouched this long belongs to a dead writer (a live upload writes continuously).
+STALE_TEMP_S = 3600
 _META_STRING_LIMIT = 256  # long strings (a whole resolved spec) stay in meta.pt, not the manifest
 
 # Managers with an upload in flight when the interpreter exits get a bounded wait.
@@ -308,6 +310,15 @@ class CheckpointManager:
             self.store.delete_prefix(step_dir(old) + "/")
         for old in plan.delete_partial:
             self.store.delete_prefix(step_dir(old) + "/")
+        swept = self.store.sweep_temporaries(STALE_TEMP_S)
+        if swept:
+            log.warning(
+                "removed %d half-written temporary file(s) under %s, untouched for over %d min "
+                "(left by a writer that was killed mid-write)",
+                swept,
+                self.url,
+                STALE_TEMP_S // 60,
+            )
 
     # ------------------------------------------------------------------ reading
 
