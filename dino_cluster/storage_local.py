@@ -48,8 +48,7 @@ class LocalStore(ObjectStore):
 
     def _atomic_write(self, key: str, fill: Callable[[BinaryIO], None]) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+        fd, tmp = _temp_beside(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 fill(f)
@@ -73,8 +72,7 @@ class LocalStore(ObjectStore):
 
     def download_file(self, key: str, path: str | os.PathLike) -> None:
         dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=dest.parent)
+        fd, tmp = _temp_beside(dest)
         try:
             with os.fdopen(fd, "wb") as out, self.open_read(key) as src:
                 shutil.copyfileobj(src, out, 1024 * 1024)
@@ -164,3 +162,17 @@ class LocalStore(ObjectStore):
             except OSError:
                 return
             folder = folder.parent
+
+
+def _temp_beside(path: Path, attempts: int = 5) -> tuple[int, str]:
+    """A new temporary file in `path`'s folder, creating the folder. A concurrent delete
+    prunes the folders it empties, so the folder can vanish between mkdir and mkstemp: try
+    again. Once the temporary is inside, the folder is not empty and stays."""
+    for attempt in range(attempts):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -290,6 +290,26 @@ def test_local_delete_prunes_empty_folders_but_not_root(tmp_path) -> None:
     assert os.listdir(tmp_path / "root") == []
 
 
+def test_local_write_survives_a_concurrent_prune_of_its_folder(tmp_path, monkeypatch) -> None:
+    """Another process's delete prunes the folder it empties; when that lands between the
+    writer's mkdir and its mkstemp, the write makes the folder again instead of failing."""
+    import dino_cluster.storage_local as storage_local
+
+    store = LocalStore(str(tmp_path / "root"))
+    real_mkstemp = storage_local.tempfile.mkstemp
+    pruned: list[str] = []
+
+    def mkstemp_after_a_prune(*args, **kwargs):
+        if not pruned:  # the concurrent delete wins the race once
+            os.rmdir(kwargs["dir"])
+            pruned.append(str(kwargs["dir"]))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(storage_local.tempfile, "mkstemp", mkstemp_after_a_prune)
+    store.write_bytes("queue/step-1/claim", b"mine")
+    assert pruned and store.read_bytes("queue/step-1/claim") == b"mine"
+
+
 # ----------------------------------------------------------------------------- s3 only
 
 
