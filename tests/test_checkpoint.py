@@ -168,6 +168,22 @@ def test_retention_keeps_last_k_plus_every_mth_and_cleans_partials(tmp_path):
     assert step == 9 and state["teacher"]["backbone.w"][0] == -9.0
 
 
+def test_recommitted_step_drops_the_evaluations_of_the_checkpoint_it_replaces(tmp_path):
+    mgr = CheckpointManager(str(tmp_path / "ckpt"), keep_last=3)
+    mgr.save(5, {"teacher": {"backbone.w": torch.zeros(2)}}, blocking=True)
+    mgr.record_eval(5, "knn", {"top1": {"20": 61.0}})
+    assert mgr.wait(60)
+    assert mgr.list()[0].evals["knn"]["top1"]["20"] == 61.0
+    # The same step committed again (resumed from an older checkpoint, or restarted with
+    # checkpoint.resume false): the old timeline's k-NN result must not show beside it.
+    again = CheckpointManager(str(tmp_path / "ckpt"), keep_last=3)
+    again.save(5, {"teacher": {"backbone.w": torch.ones(2)}}, blocking=True)
+    assert again.wait(60)
+    [info] = again.list()
+    assert info.step == 5 and info.evals == {}
+    assert again.load()[1]["teacher"]["backbone.w"][0] == 1.0
+
+
 def test_retention_sweeps_temporaries_of_killed_writers_only(tmp_path, caplog):
     """A local writer killed mid-write leaves a `.~tmp-*` file that no listing shows; the
     next retention pass removes it once it is stale, never a live writer's fresh one."""

@@ -219,6 +219,10 @@ class CheckpointManager:
         # Re-committing a step (e.g. after resuming from an older one) must never leave the
         # old manifest describing new, half-written objects: hide the step first.
         self._retry(f"hide {manifest_key(step)}", lambda: self.store.delete(manifest_key(step)))
+        # Evaluation results beside the step describe the checkpoint being replaced (the eval
+        # queue keys its records by manifest time, so the new one is evaluated afresh).
+        evals = f"{step_dir(step)}/{EVALS_DIR}/"
+        self._retry(f"drop {evals}", lambda: self.store.delete_prefix(evals))
         objects: list[ManifestObject] = []
         with (
             tempfile.TemporaryDirectory(prefix="dino-ckpt-", dir=self.spool_dir) as spool,
