@@ -32,7 +32,7 @@ import uuid
 
 import torch
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.storage import StorageOptions
 
 # ViT-B/16 block matrices (768 x 3072 MLP, 768 x 2304 qkv, 768 x 768 proj): realistic tensor

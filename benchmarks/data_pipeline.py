@@ -5,13 +5,12 @@ resized to ImageNet-like size (500x375 / 375x500) and re-encoded as JPEG.
 
   reference : bytes -> PIL decode -> RGB -> MultiCropAugment (PIL + torchvision, the recipe)
   ours      : shards -> TrainStream (tar read, shuffle, decode, batching) with
-              dino_cluster.dino.augment_batched.BatchedMultiCropAugment: per-sample uint8
+              dino_cluster.dino.augment.batched.BatchedMultiCropAugment: per-sample uint8
               geometry, then the photometric ops once per batch in the worker (per_batch)
   cpu stage : the same stream with `BatchedMultiCropAugment.cpu_stage()`: what the CPU does
               per sample when the photometric stage runs on the accelerator (issue 9): decode,
               crop, resize, draw; the batches hold uint8 crops and the parameter table
-  also      : TrainStream + augment_fast.FastMultiCropAugment (exact PIL ops, per crop) and
-              TrainStream + MultiCropAugment (the pipeline's own overhead)
+  also      : TrainStream + MultiCropAugment (the pipeline's own overhead)
 
 One process, one torch thread, no data workers, timed in CPU seconds of this process
 (time.process_time): samples per CPU-second is samples/s per core, and other load on the
@@ -26,9 +25,6 @@ pipeline runs under the same allocator settings. Not a test.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
 import io
 import os
 import sys
@@ -40,9 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dino_cluster.data import build_train_stream, pack
-from dino_cluster.dino.augment import MultiCropAugment
-from dino_cluster.dino.augment_batched import BatchedMultiCropAugment, keep_freed_memory
+from dino_cluster.data import build_train_stream
+from dino_cluster.data.pack import pack
+from dino_cluster.dino.augment.batched import BatchedMultiCropAugment, keep_freed_memory
+from dino_cluster.dino.augment.reference import MultiCropAugment
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
@@ -66,29 +63,6 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
         img.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-def find_fast(n_local: int):
-    if importlib.util.find_spec("dino_cluster.dino.augment_fast") is None:
-        return None, "dino_cluster/dino/augment_fast.py does not exist"
-    mod = importlib.import_module("dino_cluster.dino.augment_fast")
-    classes = [
-        obj
-        for name, obj in vars(mod).items()
-        if inspect.isclass(obj) and obj.__module__ == mod.__name__ and "MultiCrop" in name
-    ]
-    if not classes:
-        return None, "augment_fast.py has no *MultiCrop* class"
-    cls = sorted(classes, key=lambda c: ("Fast" not in c.__name__, c.__name__))[0]
-    try:
-        fast = cls(n_local=n_local)
-    except TypeError:
-        fast = cls()
-    if getattr(fast, "draft", False) and not hasattr(fast, "lazy_decode"):
-        # It decodes JPEGs at reduced scale when handed an image whose pixels are not decoded
-        # yet; `lazy_decode` is how the stream learns to hand it one (see data/reader.py).
-        fast.lazy_decode = True
-    return fast, cls.__name__
 
 
 def bench_reference(jpegs: list[bytes], samples: int, aug) -> float:
@@ -131,9 +105,7 @@ def main() -> None:
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="per-rank batch of the stream")
-    parser.add_argument(
-        "--no-extra", action="store_true", help="skip the augment_fast and overhead lines"
-    )
+    parser.add_argument("--no-extra", action="store_true", help="skip the pipeline-overhead line")
     args = parser.parse_args()
     if args.images < args.batch:
         parser.error("--images must be >= --batch (the stream needs one batch per epoch)")
@@ -143,7 +115,6 @@ def main() -> None:
     jpegs = make_jpegs(args.images)
     reference = MultiCropAugment(n_local=args.n_local)
     ours = BatchedMultiCropAugment(n_local=args.n_local)
-    fast, fast_name = (None, "skipped") if args.no_extra else find_fast(args.n_local)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs" / "photos"
         folder.mkdir(parents=True)
@@ -153,15 +124,13 @@ def main() -> None:
         pack(str(folder.parent), str(shards), max_samples_per_shard=16, progress=False)
 
         # Alternate and keep the best round (cache and frequency effects of other load).
-        ref_rate = ours_rate = stage_rate = fast_rate = plain_rate = 0.0
+        ref_rate = ours_rate = stage_rate = plain_rate = 0.0
         for _ in range(args.rounds):
             ref_rate = max(ref_rate, bench_reference(jpegs, args.samples, reference))
             ours_rate = max(ours_rate, bench_pipeline(shards, args.samples, ours, args.batch))
             stage_rate = max(
                 stage_rate, bench_pipeline(shards, args.samples, ours.cpu_stage(), args.batch)
             )
-            if fast is not None:
-                fast_rate = max(fast_rate, bench_pipeline(shards, args.samples, fast, args.batch))
             if not args.no_extra:  # the pipeline's own overhead, with the reference transform
                 plain_rate = max(
                     plain_rate, bench_pipeline(shards, args.samples, reference, args.batch)
@@ -179,9 +148,6 @@ def main() -> None:
     print(f"ratio ours / reference                      : {ours_rate / ref_rate:8.2f}x")
     print(f"ours, CPU stage only (photometric on GPU)   : {stage_rate:8.1f} samples/s/core")
     print(f"ratio CPU stage only / reference            : {stage_rate / ref_rate:8.2f}x")
-    if fast is not None:
-        print(f"(TrainStream + {fast_name:<28} : {fast_rate:8.1f} samples/s/core, "
-              f"{fast_rate / ref_rate:.2f}x)")  # fmt: skip
     if not args.no_extra:
         print(f"(TrainStream + MultiCropAugment             : {plain_rate:8.1f} samples/s/core,"
               f" pipeline overhead alone {plain_rate / ref_rate:.2f}x)")  # fmt: skip

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.queries < 1:
         ap.error("--queries must be >= 1")
 
-    from dino_cluster.data import pack
+    from dino_cluster.data.pack import pack
     from dino_cluster.evaluate.runner import evaluate
     from dino_cluster.spec import load_spec
 

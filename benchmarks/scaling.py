@@ -223,7 +223,7 @@ TINY_MODEL = [
 
 def pack_shards(dest: Path, images: int) -> Path:
     """Fashion-MNIST (real images) when installed, else synthetic PNGs; returns index.json."""
-    from dino_cluster.data import pack
+    from dino_cluster.data.pack import pack
 
     src = FMNIST
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
@@ -245,7 +245,7 @@ def pack_shards(dest: Path, images: int) -> Path:
 
 def start_ray(tmp: Path) -> Any:
     """A private Ray head on loopback with its own token (never ~/.ray); stopped by pid."""
-    from dino_cluster.launch.ray_local import LocalRayCluster, auth_token, loopback_env
+    from dino_cluster.launch.ray.cluster import LocalRayCluster, auth_token, loopback_env
 
     os.environ.update(loopback_env())
     # Ray Train's controller takes a worker's report every health-check interval (default

@@ -19,7 +19,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dino_cluster.launch.base import BACKENDS, LaunchError, get_backend
+from dino_cluster.launch.base import BACKENDS, LaunchError, get_backend, run_backend
+from dino_cluster.launch.run_record import resolve_run_dir
 from dino_cluster.spec import JobSpec, SpecError, load_spec
 
 app = typer.Typer(
@@ -62,29 +63,11 @@ def _load(spec_path: Path, overrides: list[str] | None, backend: str | None) -> 
         raise _fail(str(exc)) from None
 
 
-def _resolve_run(run: str) -> Path:
-    """A run folder, a run name under ./runs, or a job spec file (its run folder)."""
-    p = Path(run)
-    if p.is_dir():
-        return p
-    if p.is_file() and p.suffix in {".yaml", ".yml"}:
-        try:
-            return load_spec(p).run_dir
-        except SpecError as exc:
-            raise _fail(str(exc)) from None
-    candidate = Path("runs") / run
-    if candidate.is_dir():
-        return candidate
-    raise _fail(f"{run}: no such run folder, run name under ./runs, or job spec")
-
-
-def _backend_of(run_dir: Path) -> str:
-    import json
-
-    launch = run_dir / "launch.json"
-    if launch.exists():
-        return json.loads(launch.read_text()).get("backend", "local")
-    return "local"
+def _run_dir(run: str) -> Path:
+    try:
+        return resolve_run_dir(run)
+    except LaunchError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -122,7 +105,7 @@ def submit(
         typer.echo(result.message, nl=False)
         return
     console.print(f"run folder: {result.run_dir}  job: {result.job_id}  status: {result.status}")
-    from dino_cluster.run_summary import metrics_hint
+    from dino_cluster.metrics.summary import metrics_hint
 
     if hint := metrics_hint(job):
         console.print(hint, markup=False)
@@ -164,11 +147,11 @@ def validate(
 @app.command()
 def status(run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")]) -> None:
     """Show whether a run is running, completed, stopped or failed."""
-    from dino_cluster.run_summary import render_summary, summarize_run
+    from dino_cluster.metrics.summary import render_summary, summarize_run
 
-    run_dir = _resolve_run(run)
+    run_dir = _run_dir(run)
     try:
-        console.print(get_backend(_backend_of(run_dir)).status(str(run_dir)))
+        console.print(run_backend(run_dir).status(run_dir))
     except LaunchError as exc:
         raise _fail(str(exc)) from None
     typer.echo(render_summary(summarize_run(run_dir)))
@@ -185,9 +168,9 @@ def logs(
     ] = None,
 ) -> None:
     """Print a run's log."""
-    run_dir = _resolve_run(run)
+    run_dir = _run_dir(run)
     try:
-        get_backend(_backend_of(run_dir)).logs(str(run_dir), follow=follow, rank=rank)
+        run_backend(run_dir).logs(run_dir, follow=follow, rank=rank)
     except LaunchError as exc:
         raise _fail(str(exc)) from None
 
@@ -195,9 +178,9 @@ def logs(
 @app.command()
 def cancel(run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")]) -> None:
     """Stop a run; its ranks write a checkpoint first."""
-    run_dir = _resolve_run(run)
+    run_dir = _run_dir(run)
     try:
-        get_backend(_backend_of(run_dir)).cancel(str(run_dir))
+        run_backend(run_dir).cancel(run_dir)
     except LaunchError as exc:
         raise _fail(str(exc)) from None
     console.print(f"cancel requested: {run_dir}")
@@ -213,13 +196,13 @@ def checkpoints(
     ],
 ) -> None:
     """List a run's committed checkpoints (step, time, size, evaluation results)."""
-    from dino_cluster.checkpoint import CheckpointManager, render_table
-    from dino_cluster.train.loop import storage_options
+    from dino_cluster.checkpointing import CheckpointManager, render_table
+    from dino_cluster.storage import StorageOptions
 
     if "://" in run:
         url, options = run, None
     else:
-        run_dir = _resolve_run(run)
+        run_dir = _run_dir(run)
         resolved = run_dir / "spec.resolved.yaml"
         if not resolved.exists():
             raise _fail(f"{run_dir}: no spec.resolved.yaml; pass the checkpoint URL instead")
@@ -227,7 +210,7 @@ def checkpoints(
             job = load_spec(resolved)
         except SpecError as exc:
             raise _fail(str(exc)) from None
-        url, options = job.checkpoint_url, storage_options(job)
+        url, options = job.checkpoint_url, StorageOptions.from_spec(job.data.storage)
     try:
         infos = CheckpointManager(url, storage_options=options, is_writer=False).list()
     except (ValueError, OSError) as exc:

@@ -20,12 +20,13 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 from skimage import data as skdata
 
-from dino_cluster.data import DataError, build_train_stream, pack
+from dino_cluster.data import DataError, build_train_stream
+from dino_cluster.data.pack import pack
 from dino_cluster.data.reader import split_transform
-from dino_cluster.dino import augment_batched as ab
-from dino_cluster.dino import augment_batched_ops as ops
-from dino_cluster.dino.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
-from dino_cluster.dino.augment_batched import BatchedMultiCropAugment, photometric
+from dino_cluster.dino.augment import batched as ab
+from dino_cluster.dino.augment import batched_ops as ops
+from dino_cluster.dino.augment.batched import BatchedMultiCropAugment, photometric
+from dino_cluster.dino.augment.reference import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
 
 SMALL = dict(global_size=32, local_size=16, n_local=2)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.storage import open_store
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dino_cluster.checkpoint import (
+from dino_cluster.checkpointing import (
     CheckpointManager,
     CheckpointNotFoundError,
     Manifest,
@@ -28,7 +28,7 @@ from dino_cluster.checkpointing.layout import HashingWriter, file_sha256
 from dino_cluster.checkpointing.snapshot import HostSnapshot
 from dino_cluster.dino.model import DINOHead
 from dino_cluster.storage import StorageError
-from dino_cluster.storage_local import LocalStore
+from dino_cluster.storage.local import LocalStore
 
 SHA = "ab" * 32
 
@@ -302,7 +302,7 @@ def test_record_eval_and_render_table(tmp_path):
     console = Console(width=200, record=True)
     console.print(render_table(mgr.list()))
     text = console.export_text()
-    assert "knn: k=20 top1=71.25" in text and " 10 " in text
+    assert "knn top1 71.25 (k=20)" in text and " 10 " in text
 
 
 def test_stuck_upload_skips_the_next_checkpoint_instead_of_blocking(tmp_path, caplog):

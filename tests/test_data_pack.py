@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_support import FMNIST, read_tar_members
+from support.data import FMNIST, read_tar_members
 from typer.testing import CliRunner
 
-from dino_cluster.data import build_train_stream, pack
+from dino_cluster.data import build_train_stream
 from dino_cluster.data.cli import app
+from dino_cluster.data.pack import pack
 from dino_cluster.data.sources import IdxSource
 from dino_cluster.storage import open_store
 
@@ -158,17 +159,6 @@ def test_pack_colour_photos_passthrough_and_idempotent(tmp_path: Path) -> None:
         "shard-000001.tar",
     ]
     assert len(stream_all(str(dest), 6, 3, transform=thumb)) == 6
-
-
-def test_shards_are_readable_by_webdataset(tmp_path: Path) -> None:
-    import webdataset as wds
-
-    dest = tmp_path / "shards"
-    pack(str(FMNIST), str(dest), split="test", limit=10, image_format="png", progress=False)
-    ds = wds.WebDataset(str(dest / "shard-000000.tar"), shardshuffle=False)
-    samples = list(ds)
-    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(10)]
-    assert all(set(s) >= {"png", "cls"} for s in samples)
 
 
 def test_cli_pack_and_inspect(tmp_path: Path) -> None:

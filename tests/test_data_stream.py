@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data_support import FMNIST, jpeg_bytes, tar_bytes, tiny_transform
+from support.data import FMNIST, jpeg_bytes, tar_bytes, tiny_transform
 
-from dino_cluster.data import DataError, TrainStream, build_train_stream, merge_states, pack
+from dino_cluster.data import DataError, TrainStream, build_train_stream, merge_states
+from dino_cluster.data.pack import pack
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def test_faulty_s3_still_yields_full_epoch(faulty_s3) -> None:
 
 
 class LazyThumb:
-    """A transform that decodes at reduced scale itself (the augment_fast hook)."""
+    """A transform that decodes at reduced scale itself (the lazy_decode hook)."""
 
     lazy_decode = True
 
@@ -313,7 +314,7 @@ def test_state_dict_gather_merges_ranks_over_torch_distributed(
 
 
 def test_with_the_real_multicrop_augmentation(five_shards: Path) -> None:
-    from dino_cluster.dino.augment import MultiCropAugment
+    from dino_cluster.dino.augment.reference import MultiCropAugment
 
     aug = MultiCropAugment(global_size=32, local_size=16, n_local=2)
     stream = make_stream(five_shards, batch=20, workers=2, world=4, rank=3, transform=aug)

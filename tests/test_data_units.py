@@ -7,11 +7,12 @@ import io
 import itertools
 import json
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_support import FMNIST, jpeg_bytes, png_bytes, tar_bytes
+from support.data import FMNIST, jpeg_bytes, png_bytes, tar_bytes, tiny_transform
 
 from dino_cluster.data.decode import BadSample, decode_image, decode_label, decode_sample
 from dino_cluster.data.position import (
@@ -214,6 +215,107 @@ def test_truncated_tar_raises_after_complete_records() -> None:
     assert [r.key for r in iter_records(io.BytesIO(data[: third.offset + 100]))] == ["k0", "k1"]
 
 
+class _VirtualTar(io.RawIOBase):
+    """A tar stream whose big members are zeros made on the fly, so a test can offer a 1 GiB
+    member without the test itself holding it."""
+
+    def __init__(self, members: list[tuple[str, bytes | int]]) -> None:
+        self._parts: list[bytes | int] = []
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = data if isinstance(data, int) else len(data)
+            self._parts += [info.tobuf(tarfile.USTAR_FORMAT), data, -info.size % 512]
+        self._parts.append(1024)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        while self._parts:
+            part = self._parts[0]
+            if isinstance(part, int):
+                n = min(part, len(buf))
+                buf[:n] = bytes(n)
+                self._parts[0] = part - n
+            else:
+                n = min(len(part), len(buf))
+                buf[:n] = part[:n]
+                self._parts[0] = part[n:]
+            if not self._parts[0]:
+                self._parts.pop(0)
+            if n:
+                return n
+        return 0
+
+
+def test_tar_skips_unwanted_members_unread_and_bounds_wanted_ones() -> None:
+    big = 1 << 30
+    stream = _VirtualTar(
+        [
+            ("a.jpg", jpeg_bytes(0)),
+            ("a.pth", big),  # a 1 GiB pickle: never read into memory, never unpickled
+            ("b.png", 5 << 20),  # a wanted field over the bound: refused unread
+            ("b.cls", b"1"),
+            ("c.png", png_bytes(4)),
+        ]
+    )
+    bad: list[tuple[str, str]] = []
+    tracemalloc.start()
+    try:
+        recs = list(
+            iter_records(stream, on_bad=lambda r, n: bad.append((r, n)), max_member_bytes=1 << 20)
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+    assert [(r.key, sorted(r.fields)) for r in recs] == [("a", ["jpg"]), ("b", ["cls"]),
+                                                         ("c", ["png"])]  # fmt: skip
+    assert bad == [("member_too_large", "b.png")]
+
+
+def test_tar_refuses_devices_and_duplicate_fields() -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, kind in (("dev.png", tarfile.CHRTYPE), ("fifo.png", tarfile.FIFOTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tar.addfile(info)
+        for name, data in (("a.png", png_bytes(1)), ("a.PNG", png_bytes(2)), ("a.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    bad: list[tuple[str, str]] = []
+    recs = list(iter_records(io.BytesIO(out.getvalue()), on_bad=lambda r, n: bad.append((r, n))))
+    assert bad == [
+        ("unsafe_member", "dev.png"),
+        ("unsafe_member", "fifo.png"),
+        ("duplicate_member", "a.PNG"),  # one field per extension: the first copy stays
+    ]
+    assert [r.key for r in recs] == ["a"]
+    assert recs[0].fields == {"png": png_bytes(1), "cls": b"3"}
+
+
+def test_tar_record_boundaries_are_those_the_data_position_counts() -> None:
+    """Every member that is not refused starts a record when its key changes, including names
+    webdataset's own iterator would drop (no dot, `__meta__`-like) and samples with no wanted
+    field: the position counts records, so these must not come and go."""
+    data = tar_bytes(
+        [
+            ("a.jpg", jpeg_bytes(0)),
+            ("notes", b"x"),
+            ("b.json", b"{}"),
+            ("__x__/c.png", png_bytes(1)),
+            ("__y__", b"x"),
+            ("a.cls", b"2"),
+        ]
+    )
+    keys = [r.key for r in iter_records(io.BytesIO(data))]
+    assert keys == ["a", "notes", "b", "__x__/c", "__y__", "a"]
+    for key in ("a", "d/b", "d/", "", "x.y/z"):  # the no-data entries the reader hands over
+        assert split_name(key + ".") == (key, "")
+
+
 # ---------------------------------------------------------------------------- decoding
 
 
@@ -276,3 +378,9 @@ def test_idx_source_reads_fashion_mnist() -> None:
     assert src.classes[9] == "Ankle boot"
     with pytest.raises(ValueError, match="split"):
         IdxSource(FMNIST, "validation")
+
+
+def test_tiny_transform_shapes() -> None:
+    crops = tiny_transform(Image.new("RGB", (20, 10), (10, 20, 30)))
+    assert [tuple(c.shape) for c in crops] == [(3, 8, 8), (3, 4, 4)]
+    assert abs(float(crops[0][0, 0, 0]) - 10 / 255) < 1e-6

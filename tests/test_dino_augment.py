@@ -14,7 +14,12 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 from skimage import data as skdata
 
-from dino_cluster.dino import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment
+from dino_cluster.dino.augment.reference import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    MultiCropAugment,
+)
 
 RECIPE_P = {
     "flip": 0.5,
@@ -192,7 +197,7 @@ def test_crop_area_fraction_within_scale(monkeypatch, astronaut):
         areas.append(height * width / (img.size[0] * img.size[1]))
         return real(img, top, left, height, width, *args, **kwargs)
 
-    monkeypatch.setattr("dino_cluster.dino.augment.TF.resized_crop", spy)
+    monkeypatch.setattr("dino_cluster.dino.augment.reference.TF.resized_crop", spy)
     aug = MultiCropAugment(global_size=8, local_size=4, n_local=1)
     seed_all(0)
     for _ in range(200):

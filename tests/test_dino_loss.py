@@ -11,14 +11,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dino_cluster.dino import (
-    DINOLoss,
-    build_student_teacher,
+from dino_cluster.dino.loss import DINOLoss
+from dino_cluster.dino.model import build_student_teacher
+from dino_cluster.dino.optim import (
+    build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients,
     ema_update,
+    param_groups,
 )
-from dino_cluster.dino.optim import build_optimizer, param_groups
 
 
 def naive_dino_loss(student_out, teacher_out, center, n_crops, t_temp, s_temp=0.1):

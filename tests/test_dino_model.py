@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from dino_cluster.dino import (
+from dino_cluster.dino.keys import from_reference_state_dict, reference_state_dict
+from dino_cluster.dino.model import (
     DINOHead,
     MultiCropWrapper,
     build_backbone,
     build_student_teacher,
-    from_reference_state_dict,
-    reference_state_dict,
 )
 
 TINY_VIT = dict(depth=2, embed_dim=16, num_heads=2)

@@ -9,9 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dino_cluster.dino import (
-    DINOHead,
-    MultiCropWrapper,
+from dino_cluster.dino.model import DINOHead, MultiCropWrapper
+from dino_cluster.dino.optim import (
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients,

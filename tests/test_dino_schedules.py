@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from dino_cluster.dino import (
+from dino_cluster.dino.schedules import (
     cosine_schedule,
     cosine_schedule_steps,
-    scaled_lr,
     teacher_temp_schedule,
     teacher_temp_schedule_steps,
 )
+from dino_cluster.spec import OptimSpec
 
 
 def cosine_value(base, final, t, length):
@@ -22,7 +22,7 @@ def cosine_value(base, final, t, length):
 
 def test_lr_schedule_warmup_and_cosine_values():
     # 10 epochs x 5 iterations, 2 warm-up epochs: 10 warm-up steps, 40 cosine steps
-    peak = scaled_lr(5e-4, global_batch=1024)
+    peak = OptimSpec(base_lr=5e-4, global_batch=1024).peak_lr  # linear scaling: x 1024/256
     assert peak == pytest.approx(0.002)
     lr = cosine_schedule(peak, 1e-6, epochs=10, iters_per_epoch=5, warmup_epochs=2)
     assert lr.shape == (50,)
@@ -93,7 +93,6 @@ def test_teacher_temperature_per_iteration_and_steps():
         lambda: cosine_schedule(1, 0, epochs=2, iters_per_epoch=5, warmup_epochs=3),
         lambda: cosine_schedule_steps(1, 0, total_iters=5, warmup_iters=-1),
         lambda: teacher_temp_schedule(0.0, 0.07, 1, 2, 2),
-        lambda: scaled_lr(5e-4, 0),
     ],
 )
 def test_schedule_argument_errors(call):

@@ -19,13 +19,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.evaluate.queue import EvalQueue, Liveness, parse_queue, queue_key
+from dino_cluster.evaluate.results import EvalResult
 from dino_cluster.evaluate.submit import EvalJob, InlineSubmitter
 from dino_cluster.evaluate.watcher import Watcher
 from dino_cluster.storage import StorageOptions, open_store
 
 LEASE_S = 2.0
+
+
+def fake_result(step: int) -> dict:
+    """A result in the one layout every evaluation records (evaluate/results.py)."""
+    return {"top1": 50.0, "info": {"value": step}}
 
 
 def wait_for(pred, deadline_s: float, what: str, procs=()) -> None:  # noqa: ANN001
@@ -117,7 +123,7 @@ def test_burst_two_watchers_one_killed_and_restarted(ckpt_root, tmp_path) -> Non
     assert all(s is not None and s["state"] == "done" for s in final.values()), final
     infos = CheckpointManager(url, storage_options=options, is_writer=False).list()
     assert [i.step for i in infos] == steps
-    assert all(i.evals["fake"]["value"] == i.step for i in infos)  # its own result, once
+    assert all(i.evals["fake"]["info"]["value"] == i.step for i in infos)  # its own, once
     calls = invocations(log)
     print(f"{len(calls)} evaluator calls for {len(steps)} checkpoints")
     assert set(calls) == set(steps)  # none lost
@@ -136,7 +142,7 @@ def test_crashing_evaluation_is_retried_then_failed_and_others_continue(tmp_path
         calls.append(job.step)
         if job.step == 2:
             raise RuntimeError("boom")
-        return {"value": job.step}
+        return fake_result(job.step)
 
     store = open_store(url)
     w = Watcher(
@@ -149,7 +155,8 @@ def test_crashing_evaluation_is_retried_then_failed_and_others_continue(tmp_path
     assert final[2]["state"] == "failed" and final[2]["attempts"] == 3
     assert len(final[2]["errors"]) == 3 and "exit code 1" in final[2]["errors"][-1]
     assert final[1]["state"] == final[3]["state"] == "done"
-    assert final[3]["results"] == {"value": 3}
+    assert final[3]["results"] == EvalResult.from_json("fake", 3, fake_result(3)).to_json()
+    assert final[3]["results"]["info"] == {"value": 3}
     # A later watcher does not retry a failed evaluation: it is final.
     again = Watcher(store, InlineSubmitter(evaluate), kinds=["fake"], lease_s=5, poll_s=0.05)
     again.run(once=True, deadline_s=30)
@@ -162,7 +169,7 @@ def test_claim_left_on_a_final_step_is_reaped_before_the_watcher_exits(tmp_path)
     url = str(tmp_path / "ckpt")
     commit_burst(url, None, [1, 2])
     store = open_store(url)
-    evaluate = lambda job: {"value": job.step}  # noqa: E731
+    evaluate = lambda job: fake_result(job.step)  # noqa: E731
     Watcher(store, InlineSubmitter(evaluate), kinds=["fake"], lease_s=5, poll_s=0.05).run(
         finished=lambda: True, deadline_s=60
     )
@@ -251,7 +258,7 @@ def _watch_main(url: str, endpoint: str, log_path: str, marker: str) -> None:
         time.sleep(0.05)  # long enough that a kill lands mid-evaluation now and then
         with open(log_path, "a") as f:
             f.write(f"{job.step} {os.getpid()}\n")
-        return {"value": job.step}
+        return fake_result(job.step)
 
     w = Watcher(
         open_store(url, options),

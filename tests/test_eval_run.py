@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.data.labelled import build_labelled_reader, split_shards
-from dino_cluster.dino.augment import EvalTransform
+from dino_cluster.dino.augment.reference import EvalTransform
 from dino_cluster.evaluate import runner
 from dino_cluster.evaluate.queue import EvalQueue
-from dino_cluster.evaluate.submit import LocalSubmitter
+from dino_cluster.evaluate.submit import BackendSubmitter
 from dino_cluster.evaluate.watcher import Watcher
 from dino_cluster.launch.local import LocalBackend, run_status
 from dino_cluster.spec import spec_from_dict
@@ -25,7 +25,7 @@ from dino_cluster.storage import open_store
 @pytest.fixture(scope="module")
 def fmnist_val(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: Path) -> Path:
     """256 real Fashion-MNIST *test* images in 2 shards (the k-NN queries)."""
-    from dino_cluster.data import pack
+    from dino_cluster.data.pack import pack
 
     dest = tmp_path_factory.mktemp("fmnist-val")
     pack(str(fmnist_dir), str(dest), split="test", limit=256, max_samples_per_shard=128,
@@ -121,7 +121,7 @@ def test_training_run_gets_exactly_one_knn_result_per_checkpoint(
     store = open_store(spec.checkpoint_url)
     watcher = Watcher(
         store,
-        LocalSubmitter(cpus=1, log_dir=run_dir / "logs" / "eval"),
+        BackendSubmitter(LocalBackend(), spec, run_dir),
         kinds=["knn"],
         spec_path=str(run_dir / "spec.resolved.yaml"),
         lease_s=30,
@@ -146,7 +146,7 @@ def test_training_run_gets_exactly_one_knn_result_per_checkpoint(
         assert knn["info"]["step"] == info.step
         assert 10.0 < knn["top1"] <= 100.0  # 10 classes: far above 0, a real number
     # The launcher started its own watcher beside the run (evaluation.enabled), so the two
-    # watchers share the work: count evaluations across both (each LocalSubmitter logs one
+    # watchers share the work: count evaluations across both (each local evaluation logs one
     # file per job, RUN/logs/eval/<kind>-step-N-attempt-A.log), not this watcher's stats.
     assert stats.started == stats.done  # what this watcher started, it finished
     jobs = sorted(p.name for p in (run_dir / "logs" / "eval").glob("knn-*.log"))
@@ -158,7 +158,7 @@ def test_training_run_gets_exactly_one_knn_result_per_checkpoint(
 
     table = CliRunner().invoke(main_app, ["checkpoints", str(run_dir)])
     assert table.exit_code == 0, table.output
-    assert "knn:" in table.output and "top1=" in table.output  # may wrap at 80 columns
+    assert "knn" in table.output and "top1" in table.output  # may wrap at 80 columns
     # `dino-cluster eval watch RUN --once` on the finished run: nothing left to evaluate.
     from dino_cluster.evaluate.cli import app
 
@@ -184,7 +184,8 @@ def test_linear_probe_and_pixel_baseline_through_the_runner(
     )
     assert probe(torch.zeros(3, 3, 32, 32)).shape == (3, 2 * 32)  # CLS of both blocks
     _, lin = runner.evaluate(spec, "linear", None, init="random", record=False, linear_epochs=2)
-    assert lin["epochs"] == 2 and lin["info"]["n_train"] == 512 and lin["info"]["n_val"] == 128
+    info = lin["info"]
+    assert info["epochs"] == 2 and info["n_train"] == 512 and info["n_val"] == 128
     assert 0.0 <= lin["top1"] <= lin["top5"] <= 100.0
     _, pix = runner.evaluate(spec, "knn", None, init="pixels", record=False)
     print(f"linear (random init, 2 epochs) {lin['top1']:.2f}; raw-pixel k-NN {pix['top1']:.2f}")

@@ -22,13 +22,14 @@ import pytest
 import yaml
 from test_eval_run import fmnist_val, tiny_spec  # noqa: F401 - a fixture and a helper, reused
 
+from dino_cluster.evaluate.cli import eval_backend
 from dino_cluster.evaluate.submit import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_OK,
     EvalJob,
-    resolve_backend,
 )
+from dino_cluster.launch.run_record import RayRecord, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
@@ -52,19 +53,19 @@ def test_evaluation_backend_is_validated_and_resolved(tmp_path: Path) -> None:
         doc = {"data": {"url": "x"}, "evaluation": {"backend": backend}}
         return spec_from_dict({**doc, "launcher": {"backend": launcher}})
 
-    assert resolve_backend(spec("auto", "kuberay")) == "ray"
-    assert resolve_backend(spec("auto", "slurm")) == "slurm"
-    assert resolve_backend(spec("local", "slurm")) == "local"
+    assert eval_backend(spec("auto", "kuberay"), tmp_path, None) == "kuberay"
+    assert eval_backend(spec("auto", "slurm"), tmp_path, None) == "slurm"
+    assert eval_backend(spec("local", "slurm"), tmp_path, None) == "local"
     # auto follows how the run was launched (`submit --backend` may differ from the spec).
-    (tmp_path / "launch.json").write_text(json.dumps({"backend": "ray"}))
-    assert resolve_backend(spec("auto"), tmp_path) == "ray"
-    assert resolve_backend(spec("auto"), tmp_path, "slurm") == "slurm"
+    write_record(tmp_path, RayRecord(mode="driver", pid=os.getpid()))
+    assert eval_backend(spec("auto"), tmp_path, None) == "ray"
+    assert eval_backend(spec("auto"), tmp_path, "slurm") == "slurm"
     with pytest.raises(ValueError, match="valid: auto, local, ray, slurm"):
-        resolve_backend(spec("auto"), tmp_path, "k8s")
+        eval_backend(spec("auto"), tmp_path, "k8s")
 
 
 def test_slurm_states_map_to_exit_codes() -> None:
-    from dino_cluster.evaluate.submit_slurm import exit_code
+    from dino_cluster.launch.slurm.evaluations import exit_code
 
     assert exit_code("COMPLETED", "0:0") == EXIT_OK
     assert exit_code("FAILED", "2:0") == EXIT_BAD_INPUT  # the runner's own code comes back
@@ -77,7 +78,7 @@ def test_slurm_states_map_to_exit_codes() -> None:
 
 
 def test_eval_sbatch_script_matches_golden_file() -> None:
-    from dino_cluster.evaluate.submit_slurm import eval_resources, render_eval_sbatch
+    from dino_cluster.launch.slurm.evaluations import eval_resources, render_eval_sbatch
     from dino_cluster.spec import load_spec
     from dino_cluster.storage import StorageOptions
 
@@ -90,6 +91,7 @@ def test_eval_sbatch_script_matches_golden_file() -> None:
             "evaluation.mem_gb=64",
             "evaluation.slurm_time_min=90",
             "evaluation.slurm_qos=eval",
+            "launcher.python=/opt/venv/bin/python",
         ],
     )
     job = EvalJob(
@@ -141,7 +143,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, fmnist_shards: Path, fmnis
 
 
 def _evals(spec) -> dict[int, dict]:  # noqa: ANN001
-    from dino_cluster.checkpoint import CheckpointManager
+    from dino_cluster.checkpointing import CheckpointManager
 
     infos = CheckpointManager(spec.checkpoint_url, is_writer=False).list()
     return {i.step: i.evals for i in infos}
@@ -175,17 +177,20 @@ def _sleep_long(job: EvalJob) -> int:
 
 def _ray_probe(address: str, folder: str) -> None:
     """Run in a subprocess: exit codes of failing tasks, and a cancelled long task."""
-    from dino_cluster.evaluate.submit_ray import RaySubmitter
+    from dino_cluster.launch.ray.evaluations import submit_task
+    from dino_cluster.spec import spec_from_dict
 
-    def submitter(target):  # noqa: ANN001, ANN202
-        return RaySubmitter(address=address, cpus=1, target=target)
+    spec = spec_from_dict({"data": {"url": "x"}, "evaluation": {"cpus": 1}})
+
+    def submit(target):  # noqa: ANN001, ANN202
+        return submit_task(job, spec, address=address, target=target)
 
     job = EvalJob(checkpoint_url=folder, step=3, kind="knn")
     out = {
-        "bad_input": _wait_code(submitter(_exit_bad_input).submit(job)),
-        "crash": _wait_code(submitter(_crash).submit(job)),
+        "bad_input": _wait_code(submit(_exit_bad_input)),
+        "crash": _wait_code(submit(_crash)),
     }
-    long = submitter(_sleep_long).submit(job)
+    long = submit(_sleep_long)
     pid_file = Path(folder, "pid")
     deadline = time.monotonic() + 120
     while not pid_file.exists() and time.monotonic() < deadline:
@@ -250,7 +255,7 @@ def test_ray_run_evaluates_its_checkpoints_from_the_driver(
     capsys,
 ) -> None:
     from dino_cluster.evaluate.queue import EvalQueue
-    from dino_cluster.launch.ray import RayBackend
+    from dino_cluster.launch.ray.backend import RayBackend
     from dino_cluster.spec import spec_from_dict
     from dino_cluster.storage import open_store
 
@@ -267,7 +272,48 @@ def test_ray_run_evaluates_its_checkpoints_from_the_driver(
         status = queue.read_status(step)
         assert status["state"] == "done" and status["attempts"] == 1, status
         assert by_kind["knn"]["info"]["step"] == step
-    assert (spec.run_dir / "metrics-eval.jsonl").read_text().count("eval/knn/top1") == 2
+    assert (spec.run_dir / "metrics-eval.jsonl").read_text().count('"eval/knn/top1":') == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_jobs_api_run_evaluates_its_checkpoints_from_the_driver_on_the_cluster(
+    tmp_path: Path,
+    fmnist_shards: Path,
+    fmnist_val: Path,  # noqa: F811
+    ray_cluster,
+) -> None:
+    """The driver runs on the cluster (submitted through the Jobs API, token auth on): its
+    watcher thread starts one Ray task per checkpoint, exactly as an embedded run's does."""
+    from dino_cluster.evaluate.queue import EvalQueue
+    from dino_cluster.launch.ray.backend import RayBackend, localize_paths
+    from dino_cluster.launch.run_record import read_record
+    from dino_cluster.spec import spec_from_dict
+    from dino_cluster.storage import open_store
+
+    doc = tiny_spec(tmp_path, fmnist_shards, fmnist_val)
+    doc["launcher"] = {"backend": "ray", "ray": {"address": ray_cluster.dashboard_url}}
+    spec = localize_paths(spec_from_dict(doc))
+    backend = RayBackend()
+    backend.submit(spec, detach=True)
+    record = read_record(spec.run_dir, "ray")
+    assert record.mode == "jobs" and record.address == ray_cluster.dashboard_url
+    deadline = time.monotonic() + 600
+    while backend.status(spec.run_dir) in ("pending", "running"):
+        assert time.monotonic() < deadline, "the Jobs API run did not finish in 10 minutes"
+        time.sleep(2)
+    from dino_cluster.launch.ray.jobs import client
+
+    logs = client(ray_cluster.dashboard_url).get_job_logs(record.job_id)
+    assert backend.status(spec.run_dir) == "completed", logs[-4000:]
+    evals = _evals(spec)
+    assert sorted(evals) == [3, 6], logs[-4000:]
+    queue = EvalQueue(open_store(spec.checkpoint_url), "knn")
+    for step, by_kind in evals.items():
+        status = queue.read_status(step)
+        assert status["state"] == "done" and status["attempts"] == 1, status
+        assert by_kind["knn"]["info"]["step"] == step
+    assert "evaluation watcher started (evaluations on the ray backend)" in logs
 
 
 # -- SLURM ----------------------------------------------------------------------------------
@@ -277,14 +323,17 @@ def test_ray_run_evaluates_its_checkpoints_from_the_driver(
 def test_slurm_jobs_evaluate_fail_with_their_code_and_cancel(
     trained, slurm_cluster, tmp_path: Path
 ) -> None:
-    from dino_cluster.evaluate.submit_slurm import SlurmSubmitter
+    from dino_cluster.launch.slurm.evaluations import submit_eval_job
 
     spec, run_dir = trained
     spec_path = str(run_dir / "spec.resolved.yaml")
-    submitter = SlurmSubmitter.from_spec(spec, run_dir, python=sys.executable)
+
+    def submit(job: EvalJob):  # noqa: ANN202
+        return submit_eval_job(job, spec, run_dir)  # launcher.python unset: this interpreter
+
     job = EvalJob(checkpoint_url=spec.checkpoint_url, step=3, kind="knn", spec_path=spec_path)
     before = _evals(spec)[3].get("knn")
-    handle = submitter.submit(job)
+    handle = submit(job)
     assert slurm_cluster.job_field(handle.job_id, "JobName") == "dino-eval-knn-step-3"
     out = run_dir / "logs" / "eval" / f"dino-eval-knn-step-3-{handle.job_id}.out"
     assert _wait_code(handle) == EXIT_OK, out.read_text()[-3000:] if out.exists() else "no log"
@@ -294,7 +343,7 @@ def test_slurm_jobs_evaluate_fail_with_their_code_and_cancel(
 
     bad = tmp_path / "bad.yaml"  # the runner exits 2: bad input, not worth retrying
     bad.write_text(yaml.safe_dump({**yaml.safe_load(Path(spec_path).read_text()), "oops": 1}))
-    handle = submitter.submit(EvalJob(spec.checkpoint_url, 3, "knn", spec_path=str(bad)))
+    handle = submit(EvalJob(spec.checkpoint_url, 3, "knn", spec_path=str(bad)))
     assert _wait_code(handle) == EXIT_BAD_INPUT
     assert handle.state == "FAILED"
 
@@ -303,7 +352,7 @@ def test_slurm_jobs_evaluate_fail_with_their_code_and_cancel(
     doc["evaluation"]["linear_epochs"] = 100000
     slow = tmp_path / "slow.yaml"
     slow.write_text(yaml.safe_dump(doc))
-    handle = submitter.submit(EvalJob(spec.checkpoint_url, 6, "linear", spec_path=str(slow)))
+    handle = submit(EvalJob(spec.checkpoint_url, 6, "linear", spec_path=str(slow)))
     slurm_cluster.wait(
         "the linear probe to run",
         lambda: slurm_cluster.job_field(handle.job_id, "JobState") == "RUNNING",

@@ -237,6 +237,24 @@ def test_names_and_labels_are_valid_kubernetes_names() -> None:
     assert label_value("x" * 70) == "x" * 63
 
 
+def test_the_rayjob_driver_carries_the_evaluation_watcher() -> None:
+    """No API server here: what can be checked is that the RayJob's driver is ours, that the
+    spec it reads has evaluation on, and that such a driver evaluates on its own cluster."""
+    from dino_cluster.launch.ray.evaluations import driver_eval_backend
+    from dino_cluster.spec import spec_from_dict
+
+    configmap, rayjob = manifests(load_spec(REPO / "jobs" / "vitb8.yaml"))
+    assert rayjob["spec"]["entrypoint"].startswith("python -m dino_cluster.launch.ray.driver ")
+    pod = spec_from_dict(yaml.safe_load(configmap["data"]["spec.resolved.yaml"]))
+    assert pod.launcher.backend == "kuberay" and pod.evaluation.enabled
+    assert pod.evaluation.train_url and pod.evaluation.val_url
+    assert driver_eval_backend(pod) == "ray"
+    named = manifests(
+        load_spec(REPO / "jobs" / "vitb8.yaml", ["launcher.python=/opt/py/bin/python"])
+    )
+    assert named[1]["spec"]["entrypoint"].startswith("/opt/py/bin/python -m ")
+
+
 def test_infra_example_is_up_to_date() -> None:
     expected = render_yaml(load_spec(REPO / "jobs" / "vitb8.yaml"))
     assert EXAMPLE.read_text() == expected, (

@@ -19,28 +19,22 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.evaluate.knn import KnnResult
 from dino_cluster.evaluate.queue import STATUS, queue_key
-from dino_cluster.metrics import (
-    ConsoleSink,
+from dino_cluster.evaluate.results import EvalResult
+from dino_cluster.metrics.catalogue import (
     CounterTracker,
-    JsonlSink,
     RunLabels,
     exported_names,
     exported_updates,
 )
-from dino_cluster.metrics_prom import PrometheusSink, exporter_sinks
-from dino_cluster.metrics_sources import (
-    StoreState,
-    StoreWatcher,
-    eval_result,
-    latest_evals,
-    parse_top1,
-    read_store_state,
-)
-from dino_cluster.run_summary import read_last_metrics, render_summary, summarize_run
+from dino_cluster.metrics.prometheus import PrometheusSink
+from dino_cluster.metrics.sinks import ConsoleSink, JsonlSink
+from dino_cluster.metrics.store import StoreState, StoreWatcher, read_store_state
+from dino_cluster.metrics.summary import read_last_metrics, render_summary, summarize_run
 from dino_cluster.spec import load_spec
+from dino_cluster.train.assemble import LaunchHooks, build_exporters
 from dino_cluster.train.distributed import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +172,7 @@ def test_wildcard_bind_is_announced_and_advertises_a_real_address(
         bound["addr"] = addr
         return FakeServer(), None
 
-    monkeypatch.setattr("dino_cluster.metrics_prom.start_http_server", fake_start)
+    monkeypatch.setattr("dino_cluster.metrics.prometheus.start_http_server", fake_start)
     with caplog.at_level(logging.WARNING):
         sink = PrometheusSink(LABELS, host="0.0.0.0", port=9123)
     assert bound["addr"] == "0.0.0.0"
@@ -218,9 +212,9 @@ def test_fixed_port_is_offset_by_local_rank_and_targets_name_the_rank(
         ],
     )
     info = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
-    sinks = exporter_sinks(spec, info)
+    sinks = build_exporters(spec, info, LaunchHooks())
     try:
-        assert [type(s).__name__ for s in sinks] == ["PrometheusSink"]  # no store watcher
+        assert [type(s).__name__ for s in sinks] == ["PrometheusSink"]
         assert sinks[0].port == base + 1
         group = json.loads((tmp_path / "fixed" / "prometheus" / "targets-rank-1.json").read_text())
         assert group[0]["targets"] == [f"127.0.0.1:{base + 1}"]
@@ -231,10 +225,12 @@ def test_fixed_port_is_offset_by_local_rank_and_targets_name_the_rank(
             s.close()
 
 
-def test_no_exporters_when_prometheus_is_off_outside_ray(tmp_path: Path) -> None:
+def test_exporters_are_what_the_spec_and_the_launcher_ask_for(tmp_path: Path) -> None:
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"run.dir={tmp_path}"])
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    assert exporter_sinks(spec, info) == []
+    assert build_exporters(spec, info, LaunchHooks()) == []
+    launcher_sink = SimpleNamespace(name="from the launcher")
+    assert build_exporters(spec, info, LaunchHooks(exporters=[launcher_sink])) == [launcher_sink]
 
 
 # -- evaluation results, checkpoints and restarts from the store --------------------------------
@@ -250,36 +246,19 @@ KNN_RESULT = KnnResult(
 ).as_results()
 
 
-@pytest.mark.parametrize(
-    ("results", "expected"),
-    [
-        (KNN_RESULT, {"10": 0.70, "20": 0.7125, "200": 0.655}),
-        ({"top1": 0.71}, {"": 0.71}),
-        ({"top1": 71.0, "k": 20}, {"20": 0.71}),
-        ({"top1": {"20": 0.5, "200": 0.4}, "top5": {"20": 0.9}}, {"20": 0.5, "200": 0.4}),
-        ({"k=20": {"top1": 0.5}, "k=10": {"top1": 0.6, "top5": 0.9}}, {"20": 0.5, "10": 0.6}),
-        (
-            {"knn_top1@20": 0.3, "top1_k200": 0.2, "k10_top1": 0.1},
-            {"20": 0.3, "200": 0.2, "10": 0.1},
-        ),
-        ({"top5": 0.9, "top1": "n/a", "top-1": True}, {}),
-    ],
-)
-def test_parse_top1_reads_the_usual_layouts(results: dict, expected: dict) -> None:
-    assert parse_top1(results) == pytest.approx(expected)
+def test_the_newest_result_of_each_kind_wins_and_failures_count() -> None:
+    from dino_cluster.evaluate.results import newest_by_kind
+    from dino_cluster.metrics.store import checkpoint_results
 
-
-def test_failed_evaluations_are_recognised() -> None:
-    assert eval_result("knn", 5, {"status": "failed", "error": "OOM"}).failed
-    assert eval_result("knn", 5, {"error": "no val data"}).error == "no val data"
-    ok = eval_result("knn", 5, {"status": "ok", "top1": 0.5})
-    assert not ok.failed and ok.top1 == {"": 0.5}
     infos = [
-        SimpleNamespace(step=10, evals={"knn": {"top1": 0.6}}),
-        SimpleNamespace(step=5, evals={"knn": {"top1": 0.5}, "linear": {"top1": 0.7}}),
+        SimpleNamespace(step=10, evals={"knn": KNN_RESULT}),
+        SimpleNamespace(step=5, evals={"knn": KNN_RESULT, "linear": {"top1": 70.0}}),
+        SimpleNamespace(step=12, evals={"linear": {"top1": {"20": 0.5}}}),  # not our layout
     ]
-    latest = latest_evals(infos)
-    assert latest["knn"].step == 10 and latest["linear"].step == 5
+    latest = newest_by_kind(checkpoint_results(infos))
+    assert latest["knn"].step == 10 and latest["knn"].top1_by_k()["20"] == 71.25
+    assert latest["linear"].step == 12 and latest["linear"].failed
+    assert "unreadable result" in latest["linear"].error
 
 
 def test_store_state_from_a_real_checkpoint_store_feeds_the_exporter(tmp_path: Path) -> None:
@@ -288,12 +267,12 @@ def test_store_state_from_a_real_checkpoint_store_feeds_the_exporter(tmp_path: P
         mgr.save(2, _state(2), blocking=True)
         mgr.save(4, _state(4), blocking=True)
     mgr = CheckpointManager(str(store), is_writer=False)
-    mgr.record_eval(2, "knn", {"top1": {"20": 0.625}})
+    mgr.record_eval(2, "knn", {"k": 20, "top1": 62.5, "info": {}})
     (tmp_path / "run" / "slurm").mkdir(parents=True)
     (tmp_path / "run" / "slurm" / "requeues.json").write_text(json.dumps({"requeues": 3}))
     state = read_store_state(mgr, tmp_path / "run")
     assert (state.last_step, state.restarts) == (4, 3)
-    assert state.last_time and state.evals["knn"].top1 == {"20": 0.625}
+    assert state.last_time and state.evals["knn"].top1_by_k() == {"20": 62.5}
 
     sink = PrometheusSink(LABELS)
     try:
@@ -362,7 +341,7 @@ def test_run_summary_reads_metrics_log_and_store(tmp_path: Path) -> None:
     (run_dir / "metrics.jsonl").write_text(text)
     with CheckpointManager(str(tmp_path / "ckpt")) as mgr:
         mgr.save(20, _state(20), blocking=True)
-        mgr.record_eval(20, "knn", {"top1": {"20": 0.5, "200": 0.45}})
+        mgr.record_eval(20, "knn", KNN_RESULT)
     (run_dir / "prometheus").mkdir()
     (run_dir / "prometheus" / "targets-rank-0.json").write_text(
         json.dumps([{"targets": ["127.0.0.1:9000"], "labels": {"rank": "0"}}])
@@ -373,7 +352,7 @@ def test_run_summary_reads_metrics_log_and_store(tmp_path: Path) -> None:
     assert "progress: step 20  epoch 0  loss -11.0000  50.0 img/s  data wait 25%" in out
     assert "(logged 10 s ago)" in out
     assert "last checkpoint: step 20" in out
-    assert "last eval: knn of step 20: top1@20 0.5000  top1@200 0.4500" in out
+    assert "last eval: step 20 knn top1 71.25 top5 97.00 (k=20)" in out
     assert "metrics: http://127.0.0.1:9000/metrics (rank 0)" in out
 
 
@@ -392,12 +371,11 @@ def test_run_summary_without_store_or_metrics_still_renders(tmp_path: Path) -> N
 
 def _registry_names() -> set[str]:
     """Series names the exporter really emits once every metric has a value."""
-    from dino_cluster.metrics import EXPORTED
-    from dino_cluster.metrics_sources import EvalResult
+    from dino_cluster.metrics.catalogue import EXPORTED
 
     sink = PrometheusSink(LABELS, out_dim=16, serve=False)
     sink.log(1, {m.key: 1.0 for m in EXPORTED if m.key})
-    sink.publish_store(StoreState(1, 1.0, {"knn": EvalResult("knn", 1, {"20": 0.5})}, restarts=1))
+    sink.publish_store(StoreState(1, 1.0, {"knn": EvalResult("knn", 1, 50.0, k=20)}, restarts=1))
     return {s.name for fam in sink.registry.collect() for s in fam.samples}
 
 
@@ -447,7 +425,7 @@ def test_podmonitors_select_kuberay_head_and_worker_pods() -> None:
 
 
 def test_submit_hint_says_where_metrics_are_served(tmp_path: Path) -> None:
-    from dino_cluster.run_summary import metrics_hint
+    from dino_cluster.metrics.summary import metrics_hint
 
     quick = REPO / "jobs" / "quickstart.yaml"
     assert metrics_hint(load_spec(quick, [f"run.dir={tmp_path}"])) is None

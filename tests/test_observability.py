@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.evaluate.knn import KnnResult
-from dino_cluster.launch.local import LocalBackend, read_launch, run_status
-from dino_cluster.run_summary import read_last_metrics, render_summary, summarize_run
+from dino_cluster.launch.local import LocalBackend, run_status
+from dino_cluster.launch.run_record import read_record
+from dino_cluster.metrics.summary import read_last_metrics, render_summary, summarize_run
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra" / "prometheus"
@@ -159,14 +160,14 @@ def test_running_quickstart_is_scraped_through_file_sd(
         text = render_summary(summarize_run(run_dir))
         assert "progress: step" in text and "img/s" in text
         assert "last checkpoint: step" in text
-        assert f"last eval: knn of step {step}: top1@20 0.4375  top1@200 0.4100" in text
+        assert f"last eval: step {step} knn top1 43.75" in text
         assert group[0]["targets"][0] in text
     finally:
         if (run_dir / "launch.json").exists():
             LocalBackend().cancel(str(run_dir))  # what `dino-cluster cancel` does
             ok = _wait(lambda: not alive(), 90, "the run to stop")
             assert ok
-            for pid in read_launch(run_dir)["pids"]:  # never leave a rank behind
+            for pid in read_record(run_dir).pids:  # never leave a rank behind
                 try:
                     os.kill(pid, 9)
                 except ProcessLookupError:
@@ -245,9 +246,8 @@ _RAY_DRIVER = textwrap.dedent(
     @ray.remote(num_cpus=0)
     class Rank:
         def log(self):
-            from dino_cluster.metrics import RunLabels
-            from dino_cluster.metrics_ray import RaySink, running_under_ray
-            assert running_under_ray()
+            from dino_cluster.metrics.catalogue import RunLabels
+            from dino_cluster.metrics.ray_sink import RaySink
             sink = RaySink(RunLabels("ray-obs", 0, "n0", "ray"), out_dim=1024)
             sink.log(3, {"loss": 7.25, "images_per_s": 99.0, "skipped_steps": 1.0,
                          "step_time_s": 0.2})

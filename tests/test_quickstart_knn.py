@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.evaluate.queue import EvalQueue
 from dino_cluster.spec import load_spec
 from dino_cluster.storage import open_store
@@ -36,7 +36,7 @@ def quickstart_data(
 ) -> tuple[Path, Path]:
     """The README's quickstart shards (6,000 training images, 1,000 per shard) and the k-NN
     queries, packed the way the README says."""
-    from dino_cluster.data import pack
+    from dino_cluster.data.pack import pack
 
     root = tmp_path_factory.mktemp("quickstart-data")
     pack(str(fmnist_dir), str(root / "fmnist"), limit=6000, max_samples_per_shard=1000,
@@ -91,7 +91,7 @@ def test_quickstart_teacher_beats_random_init_and_every_checkpoint_is_evaluated_
         assert status["state"] == "done" and status["attempts"] == 1, (info.step, status)
         assert info.evals["knn"] == status["results"]
         assert info.evals["knn"]["info"]["n_val"] == QUERIES
-        assert f"step {info.step} knn:" in proc.stdout
+        assert f"step {info.step} knn top1 " in proc.stdout
     # One evaluation job per checkpoint, none twice (the local submitter logs one file each).
     jobs = sorted(p.name for p in (run_dir / "logs" / "eval").glob("knn-*.log"))
     assert jobs == sorted(f"knn-step-{s}-attempt-1.log" for s in steps), jobs

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dino_cluster.checkpoint import CheckpointManager
-from dino_cluster.launch.ray import RayBackend, localize_paths
+from dino_cluster.checkpointing import CheckpointManager
+from dino_cluster.launch.ray.backend import RayBackend, localize_paths
 from dino_cluster.spec import JobSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_jobs_api_detach_status_logs_cancel(
     assert wait_for("the job to stop", lambda: backend.status(run_dir) == "stopped", 180)
 
     # No credential reached the cluster: not in the job's runtime env, not in the run folder.
-    from dino_cluster.launch.ray_jobs import client
+    from dino_cluster.launch.ray.jobs import client
 
     info = client(ray_cluster.dashboard_url).get_job_info(result.job_id)
     assert secret not in json.dumps(info.runtime_env)
@@ -194,7 +194,7 @@ def test_too_many_workers_fail_at_the_startup_deadline(
     path = write_resolved(spec, spec.run_dir)
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "dino_cluster.launch.ray_driver", "--spec", str(path)],
+        [sys.executable, "-m", "dino_cluster.launch.ray.driver", "--spec", str(path)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -297,7 +297,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(
 
 
 def test_active_world_size_keeps_the_global_batch() -> None:
-    from dino_cluster.launch.ray_worker import active_world_size
+    from dino_cluster.launch.ray.worker import active_world_size
 
     assert active_world_size(1024, 32) == 32
     assert active_world_size(1024, 24) == 16  # 24 does not divide 1024: 8 ranks sit out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dino_cluster.checkpoint import CheckpointManager
-from dino_cluster.launch.ray import localize_paths
+from dino_cluster.checkpointing import CheckpointManager
+from dino_cluster.launch.ray.backend import localize_paths
 from dino_cluster.spec import load_spec, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +36,9 @@ os.makedirs(temp_dir)
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
 from ray.cluster_utils import Cluster
 
-from dino_cluster.checkpoint import CheckpointManager
-from dino_cluster.launch.ray_driver import run_driver
-from dino_cluster.launch.ray_local import free_port
+from dino_cluster.checkpointing import CheckpointManager
+from dino_cluster.launch.ray.driver import run_driver
+from dino_cluster.launch.procs import free_port
 from dino_cluster.spec import load_spec
 
 spec = load_spec(sys.argv[1])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]

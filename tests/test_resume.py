@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from dino_cluster.checkpoint import CheckpointManager
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.spec import load_spec, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from dino_cluster.checkpoint import CheckpointManager
-from dino_cluster.launch import slurm_env
+from dino_cluster.checkpointing import CheckpointManager
 from dino_cluster.launch.base import LaunchError
-from dino_cluster.launch.slurm import SlurmBackend, query_job
+from dino_cluster.launch.slurm import env as slurm_env
+from dino_cluster.launch.slurm.backend import SlurmBackend
+from dino_cluster.launch.slurm.commands import query_job
 from dino_cluster.spec import JobSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def test_submitted_run_starts_its_watcher_which_sbatches_one_knn_job_per_checkpo
     """`submit --backend slurm` with evaluation on: the watcher it starts on the submit host
     sbatches one k-NN job per committed checkpoint, and exits after the run has ended."""
     from dino_cluster.evaluate.queue import EvalQueue
-    from dino_cluster.launch.base import pid_alive
+    from dino_cluster.launch.procs import pid_alive
     from dino_cluster.storage import open_store
 
     c, be = slurm_cluster, SlurmBackend()

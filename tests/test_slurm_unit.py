@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from dino_cluster.launch import slurm_env, slurm_job
-from dino_cluster.launch.slurm import SlurmBackend, explain_sbatch_error
-from dino_cluster.launch.slurm_render import (
+from dino_cluster.launch.slurm import env as slurm_env
+from dino_cluster.launch.slurm import job as slurm_job
+from dino_cluster.launch.slurm.backend import SlurmBackend, explain_sbatch_error
+from dino_cluster.launch.slurm.render import (
     JOB_BODY,
     format_time,
     render_sbatch,
@@ -41,6 +42,7 @@ CPU_SPEC = [
     "launcher.slurm.signal_grace_s=30",
     "launcher.slurm.max_requeues=3",
     "launcher.slurm.folder=/shared/slurm",
+    "launcher.python=/opt/venv/bin/python",
     'launcher.slurm.setup=["module load cuda/12.4", "source /opt/venv/bin/activate"]',
     "launcher.slurm.additional_parameters={exclude: node7, exclusive: true}",
 ]
@@ -68,7 +70,10 @@ def _check_golden(name: str, text: str) -> None:
 
 
 def test_render_vitb8_matches_golden_file() -> None:
-    spec = load_spec(REPO / "jobs" / "vitb8.yaml", ["launcher.backend=slurm"])
+    spec = load_spec(
+        REPO / "jobs" / "vitb8.yaml",
+        ["launcher.backend=slurm", "launcher.python=/opt/venv/bin/python"],
+    )
     text = render_sbatch(spec)
     _check_golden("slurm_vitb8.sbatch", text)
     # The lines a reviewer checks first, independently of the golden file.
@@ -87,6 +92,10 @@ def test_render_vitb8_matches_golden_file() -> None:
         assert line in text.splitlines()
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text
     assert '-m dino_cluster.train --spec "$DINO_SPEC"' in text
+    assert "DINO_PYTHON=${DINO_PYTHON:-/opt/venv/bin/python}" in text.splitlines()
+    # Unset, the job runs the interpreter that rendered it: never a `python3` from PATH.
+    plain = render_sbatch(load_spec(REPO / "jobs" / "vitb8.yaml", ["launcher.backend=slurm"]))
+    assert f"DINO_PYTHON=${{DINO_PYTHON:-{sys.executable}}}" in plain.splitlines()
 
 
 def test_render_cpu_spec_matches_golden_file() -> None:
@@ -122,7 +131,7 @@ def test_hand_wrapper_has_the_same_job_body() -> None:
     text = (REPO / "infra" / "slurm" / "dino.sbatch").read_text()
     begin, end = JOB_BODY.splitlines()[0], JOB_BODY.rstrip("\n").splitlines()[-1]
     assert text[text.index(begin) : text.index(end) + len(end)] + "\n" == JOB_BODY, (
-        "infra/slurm/dino.sbatch's job body drifted from slurm_render.JOB_BODY"
+        "infra/slurm/dino.sbatch's job body drifted from launch.slurm.render.JOB_BODY"
     )
     subprocess.run(["bash", "-n", str(REPO / "infra" / "slurm" / "dino.sbatch")], check=True)
     for opt in ("--signal=B:USR2@", "--requeue", "--open-mode=append"):

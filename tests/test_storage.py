@@ -20,8 +20,8 @@ from dino_cluster.storage import (
     open_url,
     split_url,
 )
-from dino_cluster.storage_local import LocalStore
-from dino_cluster.storage_s3 import S3Store
+from dino_cluster.storage.local import LocalStore
+from dino_cluster.storage.s3 import S3Store
 
 MiB = 1024 * 1024
 
@@ -293,7 +293,7 @@ def test_local_delete_prunes_empty_folders_but_not_root(tmp_path) -> None:
 def test_local_write_survives_a_concurrent_prune_of_its_folder(tmp_path, monkeypatch) -> None:
     """Another process's delete prunes the folder it empties; when that lands between the
     writer's mkdir and its mkstemp, the write makes the folder again instead of failing."""
-    import dino_cluster.storage_local as storage_local
+    from dino_cluster.storage import local as storage_local
 
     store = LocalStore(str(tmp_path / "root"))
     real_mkstemp = storage_local.tempfile.mkstemp

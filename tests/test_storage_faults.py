@@ -325,7 +325,7 @@ def test_no_such_upload_means_upload_again() -> None:
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError
 
-    from dino_cluster.storage_s3 import _upload_transient
+    from dino_cluster.storage.s3 import _upload_transient
 
     def wrapped(code: str, status: int) -> BaseException:
         inner = ClientError(

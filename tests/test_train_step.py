@@ -305,8 +305,8 @@ def _rank_main(rank: int, world: int, port: int, spec_yaml: str, out: str) -> No
 
 
 def test_two_ranks_sync_free_skip_and_stop_agree(tmp_path: Path, fmnist_shards: Path) -> None:
-    from dino_cluster.checkpoint import CheckpointManager
-    from dino_cluster.launch.base import free_port
+    from dino_cluster.checkpointing import CheckpointManager
+    from dino_cluster.launch.procs import free_port
     from dino_cluster.spec import write_resolved
 
     spec = load_spec(

@@ -11,43 +11,37 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
-from dino_cluster.checkpointing.layout import OBJECT_SUFFIX, CheckpointNotFoundError, step_dir
-from dino_cluster.storage import open_store, split_url
-
-if TYPE_CHECKING:
-    from dino_cluster.checkpointing.manager import CheckpointManager
+from dino_cluster.checkpointing.layout import (
+    OBJECT_SUFFIX,
+    CheckpointNotFoundError,
+    Manifest,
+    step_dir,
+)
+from dino_cluster.dino.keys import reference_state_dict
+from dino_cluster.storage import ObjectStore, StorageOptions, open_store, split_url
 
 # DDP and torch.compile wrap modules; their prefixes are not part of the model's layout.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_PARAMETRIZED = {
-    "last_layer.parametrizations.weight.original0": "last_layer.weight_g",
-    "last_layer.parametrizations.weight.original1": "last_layer.weight_v",
-}
 EXPORT_NAME = "export/teacher.pth"
 
 
-def _renamer() -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    try:  # the method's own mapping, when the dino package provides it
-        from dino_cluster.dino.model import reference_state_dict
-    except ImportError:
-        return _rename_weight_norm
-    return reference_state_dict
+class Checkpoints(Protocol):
+    """What an export reads (a CheckpointManager)."""
 
+    store: ObjectStore
+    storage_options: StorageOptions | None
+    spool_dir: str | None
 
-def _rename_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for ours, ref in _PARAMETRIZED.items():
-            if key.endswith(ours):
-                key = key[: -len(ours)] + ref
-                break
-        out[key] = value
-    return out
+    def read_manifest(self, step: int) -> Manifest: ...
+
+    def load(
+        self, step: int | None = None, *, keys: list[str] | None = None, fallback: bool = True
+    ) -> tuple[int, dict[str, Any]] | None: ...
 
 
 def reference_layout(model_state: Mapping[str, Any], what: str = "model") -> dict[str, Any]:
@@ -65,7 +59,7 @@ def reference_layout(model_state: Mapping[str, Any], what: str = "model") -> dic
                 if key.startswith(prefix):
                     key, changed = key[len(prefix) :], True
         stripped[key] = value.detach().to("cpu").contiguous()
-    out = _renamer()(stripped)
+    out = reference_state_dict(stripped)
     odd = sorted(k for k in out if not k.startswith(("backbone.", "head.")))
     if odd:
         raise ValueError(
@@ -76,7 +70,7 @@ def reference_layout(model_state: Mapping[str, Any], what: str = "model") -> dic
 
 
 def export_teacher(
-    manager: CheckpointManager,
+    manager: Checkpoints,
     step: int,
     dest_url: str | None = None,
     *,

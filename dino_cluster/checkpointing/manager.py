@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -50,6 +50,9 @@ from dino_cluster.checkpointing.layout import (
 from dino_cluster.checkpointing.retention import plan_retention
 from dino_cluster.checkpointing.snapshot import HostSnapshot
 from dino_cluster.storage import ObjectStore, StorageOptions, backoff_delay, open_store
+
+if TYPE_CHECKING:
+    from dino_cluster.spec import CheckpointSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,6 +126,26 @@ class CheckpointManager:
         _LIVE.add(self)
 
     # ------------------------------------------------------------------ writing
+
+    @classmethod
+    def from_spec(
+        cls,
+        section: CheckpointSpec,
+        url: str,
+        *,
+        storage_options: StorageOptions | None = None,
+        is_writer: bool = True,
+    ) -> CheckpointManager:
+        """The manager a run's `checkpoint` section describes, for the store at `url`
+        (JobSpec.checkpoint_url) and this rank (`is_writer`: rank 0)."""
+        return cls(
+            url,
+            storage_options=storage_options,
+            keep_last=section.keep_last,
+            keep_every=section.keep_every_steps,
+            upload_retries=section.upload_retries,
+            is_writer=is_writer,
+        )
 
     def save(self, step: int, state: dict[str, Any], *, blocking: bool = False) -> None:
         """Snapshot ``state`` to host memory and commit it as ``step`` in the background."""

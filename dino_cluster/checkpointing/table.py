@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from rich.table import Table
 
 from dino_cluster.checkpointing.layout import CheckpointInfo
+from dino_cluster.evaluate.results import EvalResult, ResultError
 
 
 def human_size(n: int) -> str:
@@ -19,15 +20,13 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _eval_summary(evals: dict[str, dict]) -> str:
+def _eval_summary(step: int, evals: dict[str, dict]) -> str:
     parts = []
-    for kind, results in sorted(evals.items()):
-        shown = [
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in sorted(results.items())
-            if isinstance(v, int | float | str) and not isinstance(v, bool)
-        ][:4]
-        parts.append(f"{kind}: {' '.join(shown)}" if shown else kind)
+    for kind, body in sorted(evals.items()):
+        try:
+            parts.append(EvalResult.from_json(kind, step, body).summary())
+        except ResultError:
+            parts.append(f"{kind}: unreadable result")
     return "; ".join(parts)
 
 
@@ -41,5 +40,6 @@ def render_table(infos: Iterable[CheckpointInfo], title: str | None = None) -> T
     for info in infos:
         when = dt.datetime.fromtimestamp(info.time, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         world = "" if info.world_size is None else str(info.world_size)
-        table.add_row(str(info.step), when, human_size(info.size), world, _eval_summary(info.evals))
+        evals = _eval_summary(info.step, info.evals)
+        table.add_row(str(info.step), when, human_size(info.size), world, evals)
     return table

@@ -13,10 +13,6 @@ from typing import NoReturn
 
 import typer
 
-from dino_cluster.data.decode import BadSample, decode_sample
-from dino_cluster.data.pack import pack
-from dino_cluster.data.shards import resolve_shards
-from dino_cluster.data.tario import ShardReadError, iter_records
 from dino_cluster.storage import StorageError, StorageOptions, open_store
 
 app = typer.Typer(
@@ -74,6 +70,8 @@ def pack_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Pack images into shard-000000.tar, ... plus index.json at DEST."""
+    from dino_cluster.data.pack import pack  # PIL and the sources: only when packing
+
     try:
         size = parse_size(shard_size)
         index = pack(
@@ -106,6 +104,10 @@ def inspect_cmd(
     profile: str | None = _PROFILE,
 ) -> None:
     """Show shard count and samples, and decode a few samples as a check."""
+    from dino_cluster.data.decode import BadSample, decode_sample
+    from dino_cluster.data.shards import resolve_shards
+    from dino_cluster.data.tario import ShardReadError, iter_records
+
     options = _options(endpoint_url, region, profile)
     try:
         shards = resolve_shards(url, options)

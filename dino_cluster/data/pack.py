@@ -1,5 +1,13 @@
 """Pack images into WebDataset shards (shard-000000.tar, ...) plus index.json, locally or in S3.
 
+Shards are written with webdataset's TarWriter: no encoder (our image and label bytes go in as
+they are), mtime 0, owner ids 0 with empty names and mode 0o444, members of a sample in sorted
+extension order (TarWriter's rule: `000000001.cls` before `000000001.jpg`). webdataset's
+ShardWriter is not used: it counts only payload bytes and checks the limit before a sample, so
+its shards overshoot the size limit, while ours never exceed it (tar headers and end-of-archive
+padding included); it opens the next shard eagerly and each shard here must be hashed and
+compared with the old index before it is uploaded.
+
 Each shard is written to a local temp file and then uploaded (S3) or renamed into place (local),
 so a reader never sees half a shard. Packing is deterministic: the same source and options give
 byte-identical shards, so re-running overwrites them with themselves, and a shard already
@@ -24,7 +32,7 @@ from PIL import Image
 
 from dino_cluster.data.shards import INDEX_NAME, parse_index
 from dino_cluster.data.sources import SourceImage, open_source
-from dino_cluster.data.tario import ShardWriter, sample_tar_bytes
+from dino_cluster.data.tario import unsafe_name
 from dino_cluster.storage import StorageOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -33,6 +41,49 @@ SHARD_NAME = "shard-{:06d}.tar"
 _SHARD_RE = re.compile(r"shard-\d{6}\.tar")
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
 _TAR_END = 1024 + 10240  # end-of-archive blocks plus worst-case record padding
+
+
+def sample_tar_bytes(fields: dict[str, bytes]) -> int:
+    """Bytes one sample adds to a tar: a 512-byte header per member plus padded data."""
+    return sum(512 + ((len(data) + 511) // 512) * 512 for data in fields.values())
+
+
+class _ShardFile:
+    """One shard being written to a local file; `bytes_written` is the archive size so far
+    (before the end-of-archive blocks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        # Imported here: webdataset's package import loads torch, which packing never needs
+        # otherwise (the CLI imports this module for `data pack`).
+        from webdataset import TarWriter
+
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        # encoder=False: bytes are written as given, nothing is re-encoded or pickled.
+        # mtime/user/group fixed: the same input gives the same bytes (TarWriter would stamp
+        # the current time and "bigdata" otherwise).
+        self._tar = TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self.samples = 0
+
+    @property
+    def bytes_written(self) -> int:
+        return self._tar.tarstream.offset
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        if "." in key or unsafe_name(key):
+            raise ValueError(f"invalid sample key {key!r}")
+        before = self.bytes_written
+        self._tar.write({"__key__": key, **fields})
+        # TarWriter's tarfile uses the default (PAX) format: for our short ASCII names,
+        # integer mtime and sizes under 8 GiB it writes plain 512-byte headers, which is what
+        # the size limit counts. Fail loudly if a webdataset version ever writes more.
+        if self.bytes_written - before != sample_tar_bytes(fields):
+            raise RuntimeError(f"tar size accounting is off for sample {key!r}")
+        self.samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
 
 
 def encode_image(item: SourceImage, image_format: str, jpeg_quality: int = 95) -> bytes:
@@ -124,15 +175,14 @@ def pack(
 
     with tempfile.TemporaryDirectory(prefix="dino-pack-") as tmp, _progress(progress) as bar:
         task = bar.add_task(f"{src} -> {store.url}", total=total)
-        state: dict = {"writer": None, "file": None}
+        state: dict = {"writer": None}
 
         def finish() -> None:
             nonlocal index_removed
-            writer, fobj = state["writer"], state["file"]
+            writer = state["writer"]
             writer.close()
-            fobj.close()
             name = SHARD_NAME.format(len(entries))
-            path = Path(fobj.name)
+            path = Path(writer.name)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             entry = {
                 "name": name,
@@ -154,7 +204,7 @@ def pack(
                 store.upload_file(name, path)
             path.unlink()
             entries.append(entry)
-            state["writer"] = state["file"] = None
+            state["writer"] = None
 
         for i, item in enumerate(itertools.islice(source, total)):
             bar.advance(task)
@@ -164,9 +214,9 @@ def pack(
                 skipped += 1
                 log.warning("skipping unreadable source image %s: %s", item.name, exc)
                 continue
-            fields = [(image_format, data)]
+            fields = {image_format: data}
             if item.label >= 0:
-                fields.append(("cls", str(item.label).encode()))
+                fields["cls"] = str(item.label).encode()
             writer = state["writer"]
             if writer is not None and (
                 writer.samples >= per_shard
@@ -174,8 +224,7 @@ def pack(
             ):
                 finish()
             if state["writer"] is None:
-                state["file"] = open(Path(tmp) / f"{len(entries)}.tar", "wb")  # noqa: SIM115
-                state["writer"] = ShardWriter(state["file"])
+                state["writer"] = _ShardFile(Path(tmp) / f"{len(entries)}.tar")
             state["writer"].add(f"{i:09d}", fields)
         if state["writer"] is not None:
             finish()

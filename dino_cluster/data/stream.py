@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -27,6 +28,9 @@ from dino_cluster.data.position import (
 from dino_cluster.data.reader import ReadContext, Transform, run_worker
 from dino_cluster.data.shards import ShardSet, resolve_shards
 from dino_cluster.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from dino_cluster.spec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,36 @@ class TrainStream:
         self.position = DataPosition()
         if state is not None:
             self._load_state(state)
+
+    @classmethod
+    def from_spec(
+        cls,
+        data: DataSpec,
+        *,
+        transform: Transform,
+        global_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        state: dict | None = None,
+        pin_memory: bool = False,
+    ) -> TrainStream:
+        """The stream a run's `data` section describes, for this rank (plus the run facts the
+        section does not hold: the global batch, the seed, rank and world size)."""
+        return build_train_stream(
+            data.url,
+            storage_options=StorageOptions.from_spec(data.storage),
+            transform=transform,
+            global_batch=global_batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=data.num_workers,
+            seed=seed,
+            shuffle_buffer=data.shuffle_buffer,
+            state=state,
+            max_image_pixels=data.max_image_pixels,
+            pin_memory=pin_memory,
+        )
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -337,34 +371,9 @@ class TrainStream:
 
 
 def build_train_stream(
-    url: str,
-    *,
-    transform: Transform,
-    global_batch: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    seed: int,
-    shuffle_buffer: int = 1000,
-    storage_options: StorageOptions | None = None,
-    state: dict | None = None,
-    max_image_pixels: int = 64_000_000,
-    pin_memory: bool = False,
+    url: str, *, storage_options: StorageOptions | None = None, **kwargs: Any
 ) -> TrainStream:
     """Resolve the shards at `url` (index file, brace pattern or folder/prefix) and build the
-    stream for this rank. `state` is a saved `state_dict()` to resume from."""
+    stream for this rank; `kwargs` are TrainStream's (`state`: a saved `state_dict()`)."""
     shards = resolve_shards(url, storage_options)
-    return TrainStream(
-        shards,
-        transform=transform,
-        global_batch=global_batch,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
-        storage_options=storage_options,
-        state=state,
-        max_image_pixels=max_image_pixels,
-        pin_memory=pin_memory,
-    )
+    return TrainStream(shards, storage_options=storage_options, **kwargs)

@@ -13,14 +13,14 @@ We use `torch.nn.utils.parametrizations.weight_norm` (the maintained API). Its p
 
 The public reference checkpoints (old `torch.nn.utils.weight_norm`) call the same tensors
 `last_layer.weight_g` and `last_layer.weight_v`. `reference_state_dict` and
-`from_reference_state_dict` translate between the two spellings (any prefix, e.g.
+`from_reference_state_dict` (keys.py) translate between the two spellings (any prefix, e.g.
 `head.last_layer...`, is kept).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import timm
@@ -28,12 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
-
-G_KEY = "last_layer.parametrizations.weight.original0"
-V_KEY = "last_layer.parametrizations.weight.original1"
-REF_G_KEY = "last_layer.weight_g"
-REF_V_KEY = "last_layer.weight_v"
-
 
 # ----------------------------------------------------------------------------------------------
 # Backbone
@@ -157,30 +151,6 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)
-
-
-def reference_state_dict(module_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename weight-norm parametrization keys to the reference's `last_layer.weight_g/_v`."""
-    out: dict[str, Tensor] = {}
-    for key, value in module_state.items():
-        if key.endswith(G_KEY):
-            key = key[: -len(G_KEY)] + REF_G_KEY
-        elif key.endswith(V_KEY):
-            key = key[: -len(V_KEY)] + REF_V_KEY
-        out[key] = value
-    return out
-
-
-def from_reference_state_dict(reference_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of `reference_state_dict`: reference `weight_g/_v` -> parametrization keys."""
-    out: dict[str, Tensor] = {}
-    for key, value in reference_state.items():
-        if key.endswith(REF_G_KEY):
-            key = key[: -len(REF_G_KEY)] + G_KEY
-        elif key.endswith(REF_V_KEY):
-            key = key[: -len(REF_V_KEY)] + V_KEY
-        out[key] = value
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

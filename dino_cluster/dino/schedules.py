@@ -92,13 +92,6 @@ def teacher_temp_schedule(
     return np.repeat(per_epoch, iters_per_epoch)
 
 
-def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
-    """Linear scaling rule: base_lr * global_batch / reference_batch (5e-4 * 1024/256 = 2e-3)."""
-    if global_batch < 1 or reference_batch < 1:
-        raise ValueError("batch sizes must be >= 1")
-    return base_lr * global_batch / reference_batch
-
-
 def _check_epochs(epochs: int, iters_per_epoch: int, warmup_epochs: int) -> None:
     if epochs < 1 or iters_per_epoch < 1:
         raise ValueError(

@@ -9,7 +9,6 @@ Exit status as the runner: 0 ok, 1 failed, 2 bad input, 4 no such checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,9 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 if TYPE_CHECKING:
-    from dino_cluster.evaluate.submit import Submitter
-    from dino_cluster.evaluate.watcher import Watcher
-    from dino_cluster.metrics import JsonlSink
     from dino_cluster.spec import JobSpec
 
 console = Console(highlight=False)
@@ -115,37 +111,23 @@ def linear(
     raise typer.Exit(runner.main(argv))
 
 
-def _resolve_run(run: str) -> Path:
-    p = Path(run)
-    if p.is_file() and p.suffix in {".yaml", ".yml"}:
-        from dino_cluster.spec import load_spec
-
-        return load_spec(p).run_dir
-    if p.is_dir():
-        return p
-    if (Path("runs") / run).is_dir():
-        return Path("runs") / run
-    raise ValueError(f"{run}: no such run folder, run name under ./runs, or job spec")
-
-
-# Backend states after which a run writes no more checkpoints (local, Ray, SLURM vocabularies).
+# Backend states after which a run writes no more checkpoints (every backend's vocabulary).
 ENDED_STATES = frozenset({"completed", "stopped", "failed", "cancelled", "canceled"})
 
 
 def _finished(run_dir: Path):  # noqa: ANN202
-    """A callable: has the run stopped producing checkpoints? (any backend's status verb;
+    """A callable: has the run stopped producing checkpoints? (its backend's status verb;
     not launched yet, pending, requeued or unknown all mean "not yet")."""
-    from dino_cluster.launch.base import LaunchError, get_backend
+    from dino_cluster.launch.base import LaunchError, run_backend
+    from dino_cluster.launch.run_record import record_path
 
     log = logging.getLogger(__name__)
 
     def finished() -> bool:
-        launch = run_dir / "launch.json"
-        if not launch.exists():
+        if not record_path(run_dir).exists():
             return False  # launched a moment later (the launcher starts us first)
         try:
-            backend = json.loads(launch.read_text()).get("backend", "local")
-            return get_backend(backend).status(str(run_dir)) in ENDED_STATES
+            return run_backend(run_dir).status(run_dir) in ENDED_STATES
         except (LaunchError, ValueError, OSError) as exc:
             log.warning("run status unknown (%s); still watching", exc)
             return False
@@ -153,55 +135,24 @@ def _finished(run_dir: Path):  # noqa: ANN202
     return finished
 
 
-def make_watcher(
-    job: JobSpec,
-    spec_path: Path,
-    run_dir: Path,
-    submitter: Submitter,
-    *,
-    kinds: list[str] | None = None,
-    max_attempts: int = 3,
-    parallel: int = 1,
-    lease: float = 60.0,
-    poll: float = 10.0,
-) -> tuple[Watcher, JsonlSink]:
-    """The watcher of a run's checkpoints, its results logged to RUN/metrics-eval.jsonl and
-    printed (used by `eval watch` and by the Ray driver). Close the sink when done."""
-    from dino_cluster.evaluate import runner
-    from dino_cluster.evaluate.watcher import Watcher
-    from dino_cluster.metrics import JsonlSink
-    from dino_cluster.storage import open_store
+def eval_backend(job: JobSpec, run_dir: Path, choice: str | None) -> str:
+    """Where a run's evaluations go: `choice` (--backend), else `evaluation.backend`; auto =
+    the backend the run was launched with (its record), else `launcher.backend`."""
+    from dino_cluster.launch.base import LaunchError
+    from dino_cluster.launch.run_record import read_record, record_path
 
-    kinds = kinds or list(job.evaluation.kinds)
-    bad = [k for k in kinds if k not in runner.KINDS]
-    if bad:
-        raise ValueError(f"unknown --kind {bad[0]!r}; valid: {', '.join(runner.KINDS)}")
-    options = runner.storage_options(job)
-    store = open_store(job.checkpoint_url, options)
-    sink = JsonlSink(run_dir / "metrics-eval.jsonl")
-
-    def on_result(k: str, step: int, results: dict) -> None:
-        values = {
-            f"eval/{k}/{name}": float(v)
-            for name, v in results.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-        sink.log(step, values)
-        console.print(f"step {step} {k}: {json.dumps(values)}", soft_wrap=True)
-
-    watcher = Watcher(
-        store,
-        submitter,
-        kinds=kinds,
-        spec_path=str(spec_path.resolve()),
-        storage_options=options,
-        max_attempts=max_attempts,
-        max_parallel=parallel,
-        lease_s=lease,
-        poll_s=poll,
-        on_result=on_result,
-    )
-    return watcher, sink
+    name = choice or job.evaluation.backend
+    valid = ("auto", "local", "ray", "slurm")
+    if name not in valid:
+        raise ValueError(f"unknown evaluation backend {name!r}; valid: {', '.join(valid)}")
+    if name != "auto":
+        return name
+    if record_path(run_dir).exists():
+        try:
+            return read_record(run_dir).backend
+        except LaunchError:
+            pass  # being rewritten, or an older record: the spec says the same
+    return job.launcher.backend
 
 
 @app.command()
@@ -236,25 +187,23 @@ def watch(
 
     With --once: evaluate what can be claimed now, then exit.
     """
-    from dino_cluster.evaluate.submit import make_submitter, resolve_backend
-    from dino_cluster.launch.base import LaunchError
+    from dino_cluster.evaluate.submit import BackendSubmitter
+    from dino_cluster.evaluate.watcher import make_watcher
+    from dino_cluster.launch.base import LaunchError, get_backend
+    from dino_cluster.launch.run_record import resolve_run_dir
     from dino_cluster.spec import SpecError, load_spec
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        run_dir = _resolve_run(run)
+        run_dir = resolve_run_dir(run)
         spec_path = run_dir / "spec.resolved.yaml"
         if not spec_path.exists():
             raise ValueError(f"{run_dir}: no spec.resolved.yaml (has the run started?)")
         job = load_spec(spec_path)
-        name = resolve_backend(job, run_dir, backend)
-        if name == "ray" and address is None:
-            from dino_cluster.evaluate.submit_ray import run_address
-
-            address = run_address(run_dir, job.launcher.ray.address)
-        submitter = make_submitter(name, job, run_dir, ray_address=address)
+        name = eval_backend(job, run_dir, backend)
+        submitter = BackendSubmitter(get_backend(name), job, run_dir, address=address)
         watcher, sink = make_watcher(
             job,
             spec_path,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dino_cluster.data.labelled import LabelledBatch
-from dino_cluster.dino.augment import EvalTransform
+from dino_cluster.dino.augment.reference import EvalTransform
 from dino_cluster.dino.model import build_backbone
 from dino_cluster.spec import JobSpec
 

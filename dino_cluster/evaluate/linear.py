@@ -47,8 +47,8 @@ class LinearResult:
         return {
             "top1": round(self.top1, 4),
             "top5": round(self.top5, 4),
-            "epochs": self.epochs,
             "info": {
+                "epochs": self.epochs,
                 "lr": self.lr,
                 "n_train": self.n_train,
                 "n_val": self.n_val,

@@ -103,6 +103,25 @@ def parse_queue(infos: list[ObjectInfo], kind: str) -> dict[int, StepEntry]:
     }
 
 
+def newest_statuses(store: ObjectStore) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Per evaluation kind, the newest step that has a status record, and that record (one
+    listing of the queue; a record rewritten or deleted since the listing is skipped)."""
+    infos = store.list(f"{QUEUE_PREFIX}/")
+    kinds = {i.key.split("/", 2)[1] for i in infos if i.key.count("/") >= 2}
+    out: dict[str, tuple[int, dict[str, Any]]] = {}
+    for kind in sorted(kinds):
+        steps = [step for step, e in parse_queue(infos, kind).items() if e.has_status]
+        for step in sorted(steps, reverse=True):
+            try:
+                doc = json.loads(store.read_bytes(queue_key(kind, step, STATUS)))
+            except (FileNotFoundError, ValueError):
+                continue
+            if isinstance(doc, dict):
+                out[kind] = (step, doc)
+                break
+    return out
+
+
 def retry_store(fn: Callable[[], T], what: str, attempts: int = 4) -> T:
     """Retry a store call a few times: a local folder can be pruned by another process's
     delete between our mkdir and our write (FileNotFoundError); S3 errors are already retried

@@ -23,7 +23,7 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -40,14 +40,13 @@ from dino_cluster.evaluate.features import (
     linear_recipe,
     load_backbone_weights,
 )
-from dino_cluster.evaluate.submit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_GONE, EXIT_OK
+from dino_cluster.evaluate.submit import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_GONE, EXIT_OK, KINDS
 from dino_cluster.spec import JobSpec, SpecError, load_spec
 from dino_cluster.storage import StorageOptions, open_url, split_url
 
 log = logging.getLogger(__name__)
 
 Init = Literal["checkpoint", "random", "pixels"]
-KINDS = ("knn", "linear")
 _STEP_TAIL = re.compile(r"/(step-\d{9,})/?$")
 
 
@@ -96,7 +95,7 @@ def load_teacher(
         teacher = doc.get("teacher", doc)
         step = doc.get("step") if isinstance(doc.get("step"), int) else None
         return step, backbone_state(teacher, f"{ref.export_url} teacher")
-    from dino_cluster.checkpoint import CheckpointManager
+    from dino_cluster.checkpointing import CheckpointManager
 
     manager = CheckpointManager(ref.root, storage_options=options, is_writer=False)
     step = ref.step if ref.step is not None else manager.latest_step()
@@ -109,10 +108,9 @@ def load_teacher(
 
 
 def storage_options(spec: JobSpec, endpoint_url: str | None = None) -> StorageOptions:
-    s = spec.data.storage
-    return StorageOptions(
-        endpoint_url=endpoint_url or s.endpoint_url, region=s.region, profile=s.profile
-    )
+    """The spec's store options; `endpoint_url` (the job's --endpoint-url) wins."""
+    options = StorageOptions.from_spec(spec.data.storage)
+    return replace(options, endpoint_url=endpoint_url) if endpoint_url else options
 
 
 def evaluate(
@@ -231,7 +229,7 @@ def _evaluate(
     if at_step is not None:
         results["info"]["step"] = at_step
     if record and info.is_main and at_step is not None and ref is not None and ref.root:
-        from dino_cluster.checkpoint import CheckpointManager
+        from dino_cluster.checkpointing import CheckpointManager
 
         manager = CheckpointManager(ref.root, storage_options=options, is_writer=False)
         manager.record_eval(at_step, kind, results)

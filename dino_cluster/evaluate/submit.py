@@ -1,27 +1,18 @@
-"""How a claimed evaluation is run: a `Submitter` starts it, an `EvalHandle` follows it.
+"""How a claimed evaluation is started: a `Submitter` starts it, an `EvalHandle` follows it.
 
-The watcher only needs "start this job" and "has it ended, with which exit code", so a
-backend plugs in by implementing two small protocols. The job itself always ends the same
-way: it records its results next to the checkpoint (CheckpointManager.record_eval) and exits
-with one of the codes below; the watcher reads the record back.
+The watcher only needs "start this job" and "has it ended, with which exit code". Where
+the job runs is the run's backend's business: `BackendSubmitter` hands every job to
+`Backend.submit_eval` (a local process, a Ray task, an sbatch job; see launch/), and this
+package never imports a backend's internals. `InlineSubmitter` runs a Python callable in a
+thread (tests, custom evaluators).
 
-- `LocalSubmitter`: a `python -m dino_cluster.evaluate.runner` subprocess on this machine
-  (the local backend), with the evaluation's CPU threads and GPU from the spec.
-- `RaySubmitter` (submit_ray.py): a Ray task on the run's Ray cluster with `num_cpus` /
-  `num_gpus` from the spec; cancel force-kills its worker.
-- `SlurmSubmitter` (submit_slurm.py): one sbatch job per evaluation running the same runner
-  command; exit code from scontrol/sacct, cancel with scancel.
-- `InlineSubmitter`: a Python callable in a thread (tests, custom evaluators).
-
-`make_submitter` picks one from `evaluation.backend` (auto: the backend the run was
-launched with; kuberay runs evaluations as Ray tasks) and `spawn_watcher` starts
-`dino-cluster eval watch RUN` beside a run (local and SLURM launchers; the Ray driver runs
-the watcher in a thread, see launch/ray_driver.py).
+Every job ends the same way: it records its results next to the checkpoint
+(CheckpointManager.record_eval) and exits with one of the codes below; the watcher reads
+the record back.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -44,6 +35,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2  # the spec or checkpoint cannot be evaluated: retrying will not help
 EXIT_GONE = 4  # the checkpoint was deleted (retention) before it could be evaluated
+
+KINDS = ("knn", "linear")
+RUNNER_MODULE = "dino_cluster.evaluate.runner"
 
 
 @dataclass(frozen=True)
@@ -70,9 +64,6 @@ class EvalHandle(Protocol):
 
 class Submitter(Protocol):
     def submit(self, job: EvalJob) -> EvalHandle: ...
-
-
-RUNNER_MODULE = "dino_cluster.evaluate.runner"
 
 
 def runner_args(job: EvalJob) -> list[str]:
@@ -102,7 +93,9 @@ def eval_env(base: Mapping[str, str], cpus: int) -> dict[str, str]:
     return env
 
 
-class _ProcessHandle:
+class ProcessHandle:
+    """A runner started as a subprocess in its own session (local evaluations)."""
+
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
 
@@ -118,34 +111,24 @@ class _ProcessHandle:
             self.proc.wait()
 
 
-class LocalSubmitter:
-    """Runs each evaluation as a subprocess of this machine; logs to `log_dir/<job>.log`."""
+class EvalBackend(Protocol):
+    """The part of a launcher backend (launch.base.Backend) evaluations use."""
 
-    def __init__(self, *, cpus: int = 2, gpus: int = 0, log_dir: str | Path | None = None) -> None:
-        self.cpus, self.gpus = cpus, gpus
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+    def submit_eval(
+        self, job: EvalJob, spec: JobSpec, run_dir: Path, *, address: str | None = None
+    ) -> EvalHandle: ...
+
+
+class BackendSubmitter:
+    """Starts every job through the run's backend (`Backend.submit_eval`)."""
+
+    def __init__(
+        self, backend: EvalBackend, spec: JobSpec, run_dir: Path, *, address: str | None = None
+    ) -> None:
+        self.backend, self.spec, self.run_dir, self.address = backend, spec, run_dir, address
 
     def submit(self, job: EvalJob) -> EvalHandle:
-        env = eval_env(os.environ, self.cpus)
-        if self.gpus == 0:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        out: Any = subprocess.DEVNULL
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{job.name}.log", "ab")  # noqa: SIM115 - child holds it
-        try:
-            proc = subprocess.Popen(
-                runner_command(job),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        log.info("started %s as process %d", job.name, proc.pid)
-        return _ProcessHandle(proc)
+        return self.backend.submit_eval(job, self.spec, self.run_dir, address=self.address)
 
 
 class _ThreadHandle:
@@ -177,7 +160,7 @@ class InlineSubmitter:
         self.evaluate = evaluate
 
     def submit(self, job: EvalJob) -> EvalHandle:
-        from dino_cluster.checkpoint import CheckpointManager, CheckpointNotFoundError
+        from dino_cluster.checkpointing import CheckpointManager, CheckpointNotFoundError
 
         def run() -> int:
             try:
@@ -191,96 +174,3 @@ class InlineSubmitter:
             return EXIT_OK
 
         return _ThreadHandle(run)
-
-
-# -- choosing the submitter -------------------------------------------------------------------
-
-EVAL_BACKENDS = ("auto", "local", "ray", "slurm")
-
-
-def resolve_backend(
-    spec: JobSpec, run_dir: str | Path | None = None, name: str | None = None
-) -> str:
-    """local | ray | slurm for `name` (default `evaluation.backend`); auto = the backend the
-    run was launched with (RUN/launch.json, else `launcher.backend`), kuberay -> ray."""
-    name = name or spec.evaluation.backend
-    if name not in EVAL_BACKENDS:
-        raise ValueError(f"unknown evaluation backend {name!r}; valid: {', '.join(EVAL_BACKENDS)}")
-    if name != "auto":
-        return name
-    name = spec.launcher.backend
-    launch = Path(run_dir) / "launch.json" if run_dir is not None else None
-    if launch is not None and launch.exists():
-        try:
-            name = json.loads(launch.read_text()).get("backend", name)
-        except (ValueError, OSError):
-            pass  # being rewritten: the spec says the same unless --backend overrode it
-    return "ray" if name == "kuberay" else name
-
-
-def make_submitter(
-    name: str, spec: JobSpec, run_dir: str | Path, *, ray_address: str | None = None
-) -> Submitter:
-    """The submitter for a resolved backend name (see resolve_backend)."""
-    ev = spec.evaluation
-    if name == "local":
-        return LocalSubmitter(cpus=ev.cpus, gpus=ev.gpus, log_dir=Path(run_dir) / "logs" / "eval")
-    if name == "ray":
-        from dino_cluster.evaluate.submit_ray import RaySubmitter
-
-        return RaySubmitter(address=ray_address, cpus=ev.cpus, gpus=ev.gpus, mem_gb=ev.mem_gb)
-    if name == "slurm":
-        from dino_cluster.evaluate.submit_slurm import SlurmSubmitter
-
-        return SlurmSubmitter.from_spec(spec, run_dir)
-    raise ValueError(f"no submitter for backend {name!r}; valid: local, ray, slurm")
-
-
-def spawn_watcher(run_dir: str | Path) -> int:
-    """Start `dino-cluster eval watch RUN` as a detached process (its own session, so it
-    outlives the launching shell); log RUN/logs/eval-watch.log, pid RUN/eval-watch.pid. It
-    exits once the run has ended and every committed checkpoint has its evaluations."""
-    run_dir = Path(run_dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "logs" / "eval-watch.log", "ab") as wlog:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dino_cluster.evaluate.cli", "watch", str(run_dir)],
-            stdout=wlog,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    (run_dir / "eval-watch.pid").write_text(str(proc.pid))
-    return proc.pid
-
-
-def wait_for_watcher(run_dir: str | Path, pid: int, *, poll_s: float = 1.0) -> bool:
-    """Block until the watcher `pid` beside a finished foreground run exits, echoing its
-    result lines ("step N knn: ..."), so `submit` ends with the run's evaluations. Ctrl-C
-    stops the waiting, not the watcher. Returns False when interrupted."""
-    import time
-
-    from dino_cluster.launch.base import pid_alive
-
-    path = Path(run_dir) / "logs" / "eval-watch.log"
-    print(f"training ended; waiting for the evaluations of its checkpoints ({path})", flush=True)
-    offset = 0
-    try:
-        while True:
-            alive = pid_alive(pid)
-            if path.exists():
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
-                # Whole lines only: a line still being written is read on the next pass.
-                end = chunk.rfind(b"\n") + 1
-                offset += end
-                for line in chunk[:end].decode("utf-8", "replace").splitlines():
-                    if line.startswith(("step ", "watcher done")):
-                        print(line, flush=True)
-            if not alive:
-                return True
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        print(f"still evaluating in the background (pid {pid}); see {path}", flush=True)
-        return False

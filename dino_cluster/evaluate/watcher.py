@@ -20,7 +20,8 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dino_cluster.checkpointing.layout import (
     MANIFEST,
@@ -31,15 +32,21 @@ from dino_cluster.checkpointing.layout import (
     parse_step_dir,
 )
 from dino_cluster.evaluate.queue import TERMINAL, Claim, EvalQueue, Liveness, parse_queue
+from dino_cluster.evaluate.results import EvalResult
 from dino_cluster.evaluate.submit import (
     EXIT_BAD_INPUT,
     EXIT_GONE,
     EXIT_OK,
+    KINDS,
     EvalHandle,
     EvalJob,
     Submitter,
 )
 from dino_cluster.storage import ObjectInfo, ObjectStore, StorageOptions
+
+if TYPE_CHECKING:
+    from dino_cluster.metrics.sinks import JsonlSink
+    from dino_cluster.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ class WatchStats:
     skipped: int = 0
     lost: int = 0
     polls: int = 0
-    results: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    results: dict[tuple[str, int], EvalResult] = field(default_factory=dict)
 
 
 class Watcher:
@@ -83,7 +90,7 @@ class Watcher:
         max_parallel: int = 1,
         lease_s: float = 60.0,
         poll_s: float = 10.0,
-        on_result: Callable[[str, int, dict[str, Any]], None] | None = None,
+        on_result: Callable[[EvalResult], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if max_attempts < 1 or max_parallel < 1:
@@ -259,15 +266,16 @@ class Watcher:
             queue.mine.discard(claim.token)
             return
         if code == EXIT_OK:
-            results = self._read_results(job)
-            if results is not None:
-                self._finish(queue, claim, dict(status, state="done", results=results))
+            result = self._read_result(job)
+            if result is not None:
+                done = dict(status, state="done", results=result.to_json())
+                self._finish(queue, claim, done)
                 self.stats.done += 1
-                self.stats.results[(job.kind, job.step)] = results
+                self.stats.results[(job.kind, job.step)] = result
                 if self.on_result is not None:
-                    self.on_result(job.kind, job.step, results)
+                    self.on_result(result)
                 return
-            error = "the evaluation exited 0 but recorded no results"
+            error = "the evaluation exited 0 but recorded no readable results"
         elif code == EXIT_GONE:
             self._finish(queue, claim, dict(status, state="skipped", reason="checkpoint deleted"))
             self.stats.skipped += 1
@@ -305,15 +313,15 @@ class Watcher:
         finally:
             queue.release(claim)
 
-    def _read_results(self, job: EvalJob) -> dict[str, Any] | None:
+    def _read_result(self, job: EvalJob) -> EvalResult | None:
         import json
 
         try:
             doc = json.loads(self.store.read_bytes(eval_key(job.step, job.kind)))
-        except (FileNotFoundError, ValueError):
+            return EvalResult.from_json(job.kind, job.step, doc.get("results"))
+        except (FileNotFoundError, ValueError, AttributeError) as exc:
+            log.warning("%s: no readable result: %s", job.name, exc)
             return None
-        results = doc.get("results") if isinstance(doc, dict) else None
-        return results if isinstance(results, dict) else None
 
     # -- the loop ------------------------------------------------------------------------------
     def run(
@@ -369,3 +377,47 @@ class Watcher:
             act.handle.cancel()
             act.queue.release(act.claim)
         self.active.clear()
+
+
+def make_watcher(
+    job: JobSpec,
+    spec_path: Path,
+    run_dir: Path,
+    submitter: Submitter,
+    *,
+    kinds: list[str] | None = None,
+    max_attempts: int = 3,
+    parallel: int = 1,
+    lease: float = 60.0,
+    poll: float = 10.0,
+) -> tuple[Watcher, JsonlSink]:
+    """The watcher of a run's checkpoints, its results logged to RUN/metrics-eval.jsonl and
+    printed (`eval watch`, and the Ray driver). Close the sink when done."""
+    from dino_cluster.metrics.sinks import JsonlSink
+    from dino_cluster.storage import open_store
+
+    kinds = kinds or list(job.evaluation.kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown --kind {bad[0]!r}; valid: {', '.join(KINDS)}")
+    options = StorageOptions.from_spec(job.data.storage)
+    store = open_store(job.checkpoint_url, options)
+    sink = JsonlSink(run_dir / "metrics-eval.jsonl")
+
+    def on_result(result: EvalResult) -> None:
+        sink.log(result.step, result.values())
+        print(f"step {result.step} {result.summary()}", flush=True)
+
+    watcher = Watcher(
+        store,
+        submitter,
+        kinds=kinds,
+        spec_path=str(spec_path.resolve()),
+        storage_options=options,
+        max_attempts=max_attempts,
+        max_parallel=parallel,
+        lease_s=lease,
+        poll_s=poll,
+        on_result=on_result,
+    )
+    return watcher, sink

@@ -18,20 +18,23 @@ and `dino-cluster/run: <run name>`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dino_cluster.launch.base import LaunchError, SubmitResult
+from dino_cluster.launch.run_record import KubeRayRecord, read_record, write_record
 from dino_cluster.spec import JobSpec, spec_from_dict
+
+if TYPE_CHECKING:
+    from dino_cluster.evaluate.submit import EvalHandle, EvalJob
 
 PART_OF = "dino-cluster"
 RUN_LABEL = "dino-cluster/run"
@@ -231,13 +234,14 @@ def manifests(spec: JobSpec) -> list[dict[str, Any]]:
         cluster["enableInTreeAutoscaling"] = True
     cluster["headGroupSpec"] = _head_group(spec, configmap_name)
     cluster["workerGroupSpecs"] = [_worker_group(spec)]
+    python = shlex.quote(spec.launcher.python or "python")  # the image's, unless named
     rayjob = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {"name": name, "namespace": kr.namespace, "labels": _labels(spec, "job")},
         "spec": {
             "entrypoint": (
-                f"python -m dino_cluster.launch.ray_driver "
+                f"{python} -m dino_cluster.launch.ray.driver "
                 f"--spec {SPEC_DIR}/spec.resolved.yaml --address auto"
             ),
             # The driver restarts failed worker groups itself (launcher.ray.max_failures)
@@ -312,13 +316,6 @@ def _kubectl(
     return proc
 
 
-def _read_launch(run_dir: str) -> dict[str, Any]:
-    path = Path(run_dir) / "launch.json"
-    if not path.exists():
-        raise LaunchError(f"{run_dir}: no launch.json here; is this a run folder?")
-    return json.loads(path.read_text())
-
-
 # RayJob .status.jobStatus -> the words `dino-cluster status` uses for every backend.
 STATUS_WORDS = {
     "": "pending",
@@ -349,27 +346,22 @@ class KubeRayBackend:
             )
         _kubectl(["apply", "-f", "-"], stdin=text)
         name, ns = k8s_name(spec.run.name), spec.launcher.kuberay.namespace
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "launch.json").write_text(
-            json.dumps(
-                {"backend": "kuberay", "name": name, "namespace": ns, "started": time.time()}
-            )
-        )
+        write_record(run_dir, KubeRayRecord(name=name, namespace=ns))
         result = SubmitResult(str(run_dir), job_id=f"{ns}/{name}", status="submitted")
         if not detach:
-            self.logs(str(run_dir), follow=True)
-            result.status = self.status(str(run_dir))
+            self.logs(run_dir, follow=True)
+            result.status = self.status(run_dir)
         return result
 
-    def status(self, run_dir: str) -> str:
-        info = _read_launch(run_dir)
+    def status(self, run_dir: Path) -> str:
+        rec = read_record(run_dir, "kuberay")
         proc = _kubectl(
             [
                 "get",
                 "rayjob",
-                info["name"],
+                rec.name,
                 "-n",
-                info["namespace"],
+                rec.namespace,
                 "-o",
                 "jsonpath={.status.jobStatus}",
             ]
@@ -377,19 +369,34 @@ class KubeRayBackend:
         raw = proc.stdout.strip()
         return STATUS_WORDS.get(raw, raw.lower())
 
-    def logs(self, run_dir: str, *, follow: bool = False, rank: int | None = None) -> None:
-        info = _read_launch(run_dir)
+    def logs(self, run_dir: Path, *, follow: bool = False, rank: int | None = None) -> None:
+        rec = read_record(run_dir, "kuberay")
         # The RayJob's submitter Job (same name) streams the driver's output.
-        args = ["logs", f"job/{info['name']}", "-n", info["namespace"]]
+        args = ["logs", f"job/{rec.name}", "-n", rec.namespace]
         if follow:
             args.append("--follow")
         _kubectl(args, capture=False)
 
-    def cancel(self, run_dir: str) -> None:
-        info = _read_launch(run_dir)
+    def cancel(self, run_dir: Path) -> None:
+        rec = read_record(run_dir, "kuberay")
         # Deleting the RayJob stops the driver and tears the RayCluster down; the run resumes
         # from its last committed checkpoint when submitted again.
-        _kubectl(["delete", "rayjob", info["name"], "-n", info["namespace"]])
+        _kubectl(["delete", "rayjob", rec.name, "-n", rec.namespace])
+
+    def submit_eval(
+        self, job: EvalJob, spec: JobSpec, run_dir: Path, *, address: str | None = None
+    ) -> EvalHandle:
+        """A Ray task on the RayCluster (the driver in the cluster does this itself; from
+        outside, `address` must reach the cluster's GCS)."""
+        from dino_cluster.launch.ray.evaluations import submit_task
+
+        if address is None:
+            raise LaunchError(
+                "evaluations of a KubeRay run are started by its driver on the cluster; to "
+                "start them from here pass --address HOST:PORT (the RayCluster's GCS) or use "
+                "--backend local|slurm"
+            )
+        return submit_task(job, spec, address=address)
 
 
 def main(argv: list[str] | None = None) -> int:

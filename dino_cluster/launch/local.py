@@ -12,34 +12,35 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+from dino_cluster.evaluate.submit import (
+    EvalHandle,
+    EvalJob,
+    ProcessHandle,
+    eval_env,
+    runner_command,
+)
 from dino_cluster.launch.base import (
     LaunchError,
     SubmitResult,
-    free_port,
     missing_local_inputs,
-    pid_alive,
+    refuse_if_active,
 )
+from dino_cluster.launch.eval_watcher import spawn_watcher, wait_for_watcher
+from dino_cluster.launch.procs import follow as follow_file
+from dino_cluster.launch.procs import free_port, pid_alive
+from dino_cluster.launch.run_record import LocalRecord, read_record, write_record
 from dino_cluster.spec import JobSpec, write_resolved
 
 
-def read_launch(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "launch.json"
-    if not path.exists():
-        raise LaunchError(f"{run_dir}: no launch.json here; is this a run folder?")
-    return json.loads(path.read_text())
-
-
-def run_status(run_dir: str | Path) -> str:
+def run_status(run_dir: Path) -> str:
     """running | completed | stopped | failed, from the processes and their exit files."""
-    info = read_launch(run_dir)
-    if any(pid_alive(p) for p in info["pids"]):
+    record = read_record(run_dir, "local")
+    if any(pid_alive(p) for p in record.pids):
         return "running"
     codes = []
-    for rank in range(len(info["pids"])):
+    for rank in range(len(record.pids)):
         f = Path(run_dir) / "exit" / f"rank-{rank}.json"
         if not f.exists():
             return "failed"  # killed before it could say how it ended
@@ -55,11 +56,12 @@ class LocalBackend:
     name = "local"
 
     def render(self, spec: JobSpec) -> str:
-        world = spec.launcher.world_size
+        world, python = spec.launcher.world_size, spec.launcher.interpreter
+        resolved = spec.run_dir / "spec.resolved.yaml"
         return (
             "\n".join(
                 f"RANK={r} WORLD_SIZE={world} LOCAL_RANK={r} MASTER_ADDR=127.0.0.1 "
-                f"{sys.executable} -m dino_cluster.train --spec {spec.run_dir}/spec.resolved.yaml"
+                f"{python} -m dino_cluster.train --spec {resolved}"
                 for r in range(world)
             )
             + "\n"
@@ -69,8 +71,7 @@ class LocalBackend:
         run_dir = spec.run_dir
         if dry_run:
             return SubmitResult(str(run_dir), status="dry-run", message=self.render(spec))
-        if (run_dir / "launch.json").exists() and run_status(run_dir) == "running":
-            raise LaunchError(f"{run_dir}: this run is already running (dino-cluster status)")
+        refuse_if_active(run_dir)
         if missing := missing_local_inputs(spec):
             # Before anything is written: a run that cannot read its data is not started.
             hint = ". Pack shards with `dino-cluster data pack` (README quickstart)"
@@ -103,7 +104,7 @@ class LocalBackend:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
             log = open(run_dir / "logs" / f"rank-{rank}.log", "ab")  # noqa: SIM115
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dino_cluster.train", "--spec", str(spec_path)],
+                [spec.launcher.interpreter, "-m", "dino_cluster.train", "--spec", str(spec_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -112,21 +113,9 @@ class LocalBackend:
             log.close()
             procs.append(proc)
             pids.append(proc.pid)
-        (run_dir / "launch.json").write_text(
-            json.dumps(
-                {
-                    "backend": "local",
-                    "pids": pids,
-                    "world_size": world,
-                    "started": time.time(),
-                    "spec": str(spec_path),
-                }
-            )
-        )
+        write_record(run_dir, LocalRecord(pids=pids, world_size=world, spec=str(spec_path)))
         watcher = None
         if spec.evaluation.enabled:
-            from dino_cluster.evaluate.submit import spawn_watcher
-
             # The evaluation watcher runs beside training (not one of the run's ranks); it
             # claims each committed checkpoint once and exits when the run has ended.
             watcher = spawn_watcher(run_dir)
@@ -134,7 +123,7 @@ class LocalBackend:
         if detach:
             return result
         try:
-            self.logs(str(run_dir), follow=True, _procs=procs)
+            self.logs(run_dir, follow=True, _procs=procs)
         except KeyboardInterrupt:
             # Ctrl-C: ask every rank to checkpoint and stop, like a preemption.
             for p in procs:
@@ -145,50 +134,56 @@ class LocalBackend:
             watcher = None  # interrupted: the watcher finishes on its own, in the background
         result.status = run_status(run_dir)
         if watcher is not None:
-            from dino_cluster.evaluate.submit import wait_for_watcher
-
             # In the foreground the run is over when its last checkpoint is evaluated too.
             wait_for_watcher(run_dir, watcher)
         return result
 
-    def status(self, run_dir: str) -> str:
+    def status(self, run_dir: Path) -> str:
         return run_status(run_dir)
 
     def logs(
         self,
-        run_dir: str,
+        run_dir: Path,
         *,
         follow: bool = False,
         rank: int | None = None,
         _procs: list[subprocess.Popen] | None = None,
     ) -> None:
-        info = read_launch(run_dir)
+        pids = read_record(run_dir, "local").pids
         rank = rank or 0
-        if not 0 <= rank < len(info["pids"]):
-            raise LaunchError(f"rank {rank} does not exist (world size {len(info['pids'])})")
+        if not 0 <= rank < len(pids):
+            raise LaunchError(f"rank {rank} does not exist (world size {len(pids)})")
         path = Path(run_dir) / "logs" / f"rank-{rank}.log"
 
         def running() -> bool:
             if _procs is not None:
                 return any(p.poll() is None for p in _procs)
-            return any(pid_alive(p) for p in info["pids"])
+            return any(pid_alive(p) for p in pids)
 
-        with open(path, "rb") as fh:
-            while True:
-                chunk = fh.read(65536)
-                if chunk:
-                    sys.stdout.write(chunk.decode("utf-8", "replace"))
-                    sys.stdout.flush()
-                    continue
-                if not follow or not running():
-                    rest = fh.read()
-                    if rest:
-                        sys.stdout.write(rest.decode("utf-8", "replace"))
-                    break
-                time.sleep(0.2)
+        follow_file(path, lambda: follow and running())
 
-    def cancel(self, run_dir: str) -> None:
-        info = read_launch(run_dir)
-        for pid in info["pids"]:
+    def cancel(self, run_dir: Path) -> None:
+        for pid in read_record(run_dir, "local").pids:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)  # ranks checkpoint, then exit
+
+    def submit_eval(
+        self, job: EvalJob, spec: JobSpec, run_dir: Path, *, address: str | None = None
+    ) -> EvalHandle:
+        """A `python -m dino_cluster.evaluate.runner` subprocess on this machine with the
+        evaluation's CPU threads (and GPU, when `evaluation.gpus`); log RUN/logs/eval/."""
+        ev = spec.evaluation
+        env = eval_env(os.environ, ev.cpus)
+        if ev.gpus == 0:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        log_dir = Path(run_dir) / "logs" / "eval"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"{job.name}.log", "ab") as out:
+            proc = subprocess.Popen(
+                runner_command(job, spec.launcher.interpreter),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        return ProcessHandle(proc)

@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,9 @@ from dino_cluster.dino.optim import (
     unwrap,
 )
 from dino_cluster.train.distributed import all_reduce_max
+
+if TYPE_CHECKING:
+    from dino_cluster.spec import OptimSpec, PerformanceSpec
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,33 @@ class TrainStep:
         self._counts = torch.zeros(3, dtype=torch.int64, device=self.device)
         self._host = [0, 0, 0]  # the same, for the per-step path
         self._stop = False
+
+    @classmethod
+    def from_spec(
+        cls,
+        optim: OptimSpec,
+        performance: PerformanceSpec,
+        model: nn.Module,
+        teacher: nn.Module,
+        dino_loss: DINOLoss,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        *,
+        amp_dtype: torch.dtype | None,
+    ) -> TrainStep:
+        """The step the `optim` (clipping, last-layer freeze) and `performance` sections ask for."""
+        return cls(
+            model,
+            teacher,
+            dino_loss,
+            optimizer,
+            scaler,
+            amp_dtype=amp_dtype,
+            clip_grad=optim.clip_grad,
+            clip_mode=optim.clip_mode,
+            freeze_last_layer=optim.freeze_last_layer,
+            channels_last=performance.channels_last,
+        )
 
     # ------------------------------------------------------------------------------------------
 

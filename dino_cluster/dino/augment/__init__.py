@@ -1,0 +1,7 @@
+"""Multi-crop augmentation (2 global + N local views with the paper's photometrics).
+
+reference.py    the paper's pipeline: PIL + torchvision, one image at a time (`data.augment:
+                reference`), and the evaluation transform
+batched.py      the same distributions, photometric ops batched over a worker's chunk, or on
+                the training device (`data.augment: batched | gpu`); batched_ops.py: the ops
+"""
