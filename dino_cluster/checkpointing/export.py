@@ -14,8 +14,6 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import torch
-
 from dino_cluster.checkpointing.layout import (
     OBJECT_SUFFIX,
     CheckpointNotFoundError,
@@ -48,7 +46,9 @@ def reference_layout(model_state: Mapping[str, Any], what: str = "model") -> dic
     """``backbone.*`` / ``head.*`` state -> reference key layout (plain CPU tensors)."""
     if not isinstance(model_state, Mapping):
         raise ValueError(f"{what} state is a {type(model_state).__name__}, not a state dict")
-    stripped: dict[str, torch.Tensor] = {}
+    import torch
+
+    stripped: dict[str, Any] = {}
     for key, value in model_state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"{what} state entry {key!r} is not a named tensor")
@@ -92,6 +92,8 @@ def export_teacher(
     else:
         parent, name = split_url(dest_url)
         store = open_store(parent, manager.storage_options)
+    import torch
+
     with tempfile.TemporaryDirectory(prefix="dino-export-", dir=manager.spool_dir) as tmp:
         path = os.path.join(tmp, "teacher.pth")
         torch.save(payload, path)

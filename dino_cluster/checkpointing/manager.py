@@ -24,8 +24,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
 from dino_cluster.checkpointing.layout import (
     EVALS_DIR,
     LATEST,
@@ -48,7 +46,6 @@ from dino_cluster.checkpointing.layout import (
     step_dir,
 )
 from dino_cluster.checkpointing.retention import plan_retention
-from dino_cluster.checkpointing.snapshot import HostSnapshot
 from dino_cluster.storage import ObjectStore, StorageOptions, backoff_delay, open_store
 
 if TYPE_CHECKING:
@@ -120,7 +117,9 @@ class CheckpointManager:
         self.last_committed_step: int | None = None
         self.last_stall_s = 0.0  # time the caller spent inside save()
         self.last_upload_s = 0.0  # serialise + upload + commit, in the background
-        self._snapshot = HostSnapshot(reuse_buffers=reuse_buffers)
+        # torch is imported on the first save or load, not to list checkpoints.
+        self._snapshot: Any = None
+        self._reuse_buffers = reuse_buffers
         self._thread: threading.Thread | None = None
         self._closed = False
         _LIVE.add(self)
@@ -173,6 +172,10 @@ class CheckpointManager:
         if step == self.last_committed_step:
             log.info("checkpoint step %d is already committed; not saving it again", step)
             return
+        if self._snapshot is None:
+            from dino_cluster.checkpointing.snapshot import HostSnapshot
+
+            self._snapshot = HostSnapshot(reuse_buffers=self._reuse_buffers)
         host_state = self._snapshot.copy(state)
         meta = _manifest_meta(state.get("meta"))
         committed = threading.Event()
@@ -202,7 +205,8 @@ class CheckpointManager:
         if not self.wait(self.exit_timeout_s):
             log.error("checkpoint upload still running after %s s at close", self.exit_timeout_s)
         self._closed = True
-        self._snapshot.release()
+        if self._snapshot is not None:
+            self._snapshot.release()
         _LIVE.discard(self)
 
     def __enter__(self) -> CheckpointManager:
@@ -259,7 +263,7 @@ class CheckpointManager:
                 path = os.path.join(spool, name)
                 with open(path, "wb") as f:
                     writer = HashingWriter(f)
-                    torch.save(value, writer)
+                    _torch_save(value, writer)
                     writer.flush()
                 obj = ManifestObject(name=name, size=writer.size, sha256=writer.hexdigest())
                 if pending is not None:
@@ -505,7 +509,7 @@ class CheckpointManager:
             state: dict[str, Any] = {}
             for name, path in paths.items():
                 try:
-                    state[name[: -len(OBJECT_SUFFIX)]] = torch.load(
+                    state[name[: -len(OBJECT_SUFFIX)]] = _torch_load(
                         path, map_location=map_location, weights_only=True
                     )
                 except Exception as exc:  # noqa: BLE001 - checksum matched, content did not load
@@ -559,10 +563,22 @@ class CheckpointManager:
         return export_teacher(self, step, dest_url)
 
 
+def _torch_save(value: Any, f: Any) -> None:
+    import torch
+
+    torch.save(value, f)
+
+
+def _torch_load(path: str, **kwargs: Any) -> Any:
+    import torch
+
+    return torch.load(path, **kwargs)
+
+
 def _json_scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
         return value.item()
-    if hasattr(value, "item"):  # numpy scalars
+    if hasattr(value, "item") and not hasattr(value, "numel"):  # numpy scalars
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
