@@ -167,7 +167,10 @@ def test_running_quickstart_is_scraped_through_file_sd(
             LocalBackend().cancel(str(run_dir))  # what `dino-cluster cancel` does
             ok = _wait(lambda: not alive(), 90, "the run to stop")
             assert ok
-            for pid in read_record(run_dir).pids:  # never leave a rank behind
+            from dino_cluster.launch.local_agent import run_processes
+
+            supervisor = read_record(run_dir).pid
+            for pid in [*run_processes(supervisor), supervisor]:  # never leave a rank behind
                 try:
                     os.kill(pid, 9)
                 except ProcessLookupError:

@@ -24,7 +24,7 @@ from dino_cluster.launch.run_record import (
 )
 
 RECORDS = [
-    LocalRecord(pids=[11, 12], world_size=2, spec="/r/spec.resolved.yaml"),
+    LocalRecord(pid=11, world_size=2, spec="/r/spec.resolved.yaml"),
     RayRecord(mode="driver", pid=13, address=None),
     RayRecord(mode="jobs", address="http://head:8265", job_id="dino-x-1"),
     SlurmRecord(via="submitit", job_id="42", log_pattern="/f/{job_id}_{rank}.out", world_size=8),
@@ -58,7 +58,7 @@ def test_a_record_of_another_backend_says_so_and_how_to_go_on(tmp_path: Path) ->
         ("[1, 2]", "damaged (not a JSON object)"),
         (json.dumps({"backend": "local", "pids": [1], "world_size": 1}), "older dino-cluster"),
         (json.dumps({"version": 9, "backend": "slurm"}), "another dino-cluster"),
-        (json.dumps({"version": 2, "backend": "local", "pids": "x"}), "damaged (pids"),
+        (json.dumps({"version": 2, "backend": "local", "pid": "x"}), "damaged (pid"),
         (json.dumps({"version": 2, "backend": "ray", "mode": "jobs"}), "needs the job id"),
         (json.dumps({"version": 2, "backend": "k8s"}), "damaged"),
     ],

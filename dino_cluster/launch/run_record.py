@@ -5,7 +5,7 @@ hand-submitted sbatch script gets one too); `status`, `logs`, `cancel`, the eval
 watcher and `submit` (is this run folder busy?) read it, always through `read_record`. It is
 typed per backend and versioned:
 
-    {"version": 2, "backend": "local",   "started": ..., "pids": [...], "world_size": 2}
+    {"version": 2, "backend": "local",   "started": ..., "pid": ..., "world_size": 2}
     {"version": 2, "backend": "ray",     "mode": "driver", "pid": ..., "address": null}
     {"version": 2, "backend": "ray",     "mode": "jobs", "address": "http://..", "job_id": ..}
     {"version": 2, "backend": "slurm",   "via": "submitit", "job_id": "17", "log_pattern": ..}
@@ -46,7 +46,7 @@ class _Record(BaseModel):
 
 class LocalRecord(_Record):
     backend: Literal["local"] = "local"
-    pids: list[int]
+    pid: int  # the process supervising the ranks on this machine
     world_size: int
 
 
