@@ -1,12 +1,15 @@
 """KubeRay rendering, validated offline: the RayJob against KubeRay's own CRD schema (after
-API-server style defaulting), core kinds with kubernetes-validate --strict, no credential
-values anywhere, and the infra/k8s example kept up to date."""
+API-server style defaulting), core kinds with kubernetes-validate --strict, rayVersion, the
+image requirement, a metrics port per local rank that the shipped PodMonitor scrapes, no
+credential values anywhere, and the infra/k8s example kept up to date."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,13 @@ import jsonschema
 import pytest
 import yaml
 
+from dino_cluster.launch import kuberay
 from dino_cluster.launch.base import LaunchError
 from dino_cluster.launch.kuberay import (
     KubeRayBackend,
     k8s_name,
     label_value,
+    main,
     manifests,
     render_yaml,
 )
@@ -28,6 +33,8 @@ from dino_cluster.spec import load_spec
 REPO = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).parent / "data" / "kuberay"
 EXAMPLE = REPO / "infra" / "k8s" / "vitb8-rayjob.yaml"
+PODMONITOR = REPO / "infra" / "k8s" / "podmonitor-ray.yaml"
+IMAGE = "registry.example.com/ml/dino-cluster:0.1.0-ray2.60-gpu"
 
 
 @functools.cache
@@ -89,33 +96,53 @@ def crd_errors(doc: dict) -> list[str]:
     return errors + [f"{p}: unknown field" for p in unknown_fields(doc, schema)]
 
 
-def _spec(*extra: str):
-    return load_spec(REPO / "jobs" / "vitb8.yaml", list(extra))
+def _spec(*extra: str, job: str = "vitb8"):
+    return load_spec(REPO / "jobs" / f"{job}.yaml", list(extra))
 
 
-SPECS = {
-    "vitb8-elastic": [],
-    "vitb8-fixed-secret": [
-        "launcher.workers=null",
-        "launcher.kuberay.s3_secret_name=dino-s3",
-        "launcher.kuberay.worker_memory_gb=480",
-    ],
-    "cpu-workers": [
-        "launcher.gpus_per_node=0",
-        "launcher.procs_per_node=4",
-        "launcher.nodes=2",
-        "launcher.workers=null",
-        "launcher.kuberay.node_selector={}",
-        "launcher.kuberay.tolerations=[]",
-        "launcher.kuberay.service_account=null",
-        "launcher.kuberay.image=registry.example.com/dino:latest",
-    ],
+# name -> (job file, --set items)
+SPECS: dict[str, tuple[str, list[str]]] = {
+    "vitb8-elastic": ("vitb8", []),
+    "vitb8-fixed-secret": (
+        "vitb8",
+        [
+            "launcher.workers=null",
+            "launcher.kuberay.s3_secret_name=dino-s3",
+            "launcher.kuberay.worker_memory_gb=480",
+        ],
+    ),
+    "cpu-workers": (
+        "vitb8",
+        [
+            "launcher.gpus_per_node=0",
+            "launcher.procs_per_node=4",
+            "launcher.nodes=2",
+            "launcher.workers=null",
+            "launcher.kuberay.node_selector={}",
+            "launcher.kuberay.tolerations=[]",
+            "launcher.kuberay.service_account=null",
+            "launcher.kuberay.image=registry.example.com/dino:latest",
+        ],
+    ),
+    # jobs/vits16.yaml names no image: with one given on the command line it renders.
+    "vits16-image-set": (
+        "vits16",
+        [
+            "launcher.kuberay.image=registry.example.com/ml/dino-cluster:0.1.0",
+            "launcher.kuberay.ray_version=2.60.0",
+        ],
+    ),
 }
+
+
+def _named(name: str):
+    job, extra = SPECS[name]
+    return _spec(*extra, job=job)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_rendered_rayjob_validates_against_the_kuberay_crd(name: str) -> None:
-    docs = manifests(_spec(*SPECS[name]))
+    docs = manifests(_named(name))
     kinds = [(d["apiVersion"], d["kind"]) for d in docs]
     assert kinds == [("v1", "ConfigMap"), ("ray.io/v1", "RayJob")]
     rayjob = docs[1]
@@ -133,8 +160,8 @@ def test_rendered_rayjob_validates_against_the_kuberay_crd(name: str) -> None:
 def test_core_kinds_and_pod_templates_pass_kubernetes_validate_strict() -> None:
     import kubernetes_validate
 
-    for extra in SPECS.values():
-        configmap, rayjob = manifests(_spec(*extra))
+    for name in SPECS:
+        configmap, rayjob = manifests(_named(name))
         kubernetes_validate.validate(configmap, "1.30.0", strict=True)
         cluster = rayjob["spec"]["rayClusterSpec"]
         templates = [cluster["headGroupSpec"]["template"]] + [
@@ -181,9 +208,9 @@ def test_head_and_gpu_worker_groups_follow_the_spec() -> None:
     assert pod["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
-    # Metrics: the training exporter's port is named, pods carry the PodMonitor labels.
+    # Metrics: a port per local rank (9464 + r) and Ray's; pods carry the PodMonitor labels.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["dino-metrics"] == 9464 and ports["metrics"] == 8080
+    assert ports == {**{f"dino-metrics-{r}": 9464 + r for r in range(8)}, "metrics": 8080}
     for template in (head["template"], group["template"]):
         labels = template["metadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "dino-cluster"
@@ -228,6 +255,139 @@ def test_specs_that_cannot_work_on_kubernetes_are_refused() -> None:
         manifests(_spec("run.storage=null"))
     with pytest.raises(LaunchError, match="local path"):
         manifests(_spec("data.url=data/fmnist/index.json"))
+
+
+def _worker_container(rayjob: dict) -> dict:
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    return container
+
+
+def test_ray_version_is_the_specs_or_the_installed_ray_never_the_image_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    installed = importlib.metadata.version("ray")
+    unpinned = _spec("launcher.kuberay.ray_version=null")
+    # The image tag carries the project version (0.1.0): it is not Ray's.
+    cluster = manifests(unpinned)[1]["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == installed
+    assert EXAMPLE.read_text().count("rayVersion: 2.60.0\n") == 1  # jobs/vitb8.yaml pins it
+    tagged = _spec(
+        "launcher.kuberay.ray_version=null",
+        "launcher.kuberay.image=registry.example.com/dino:0.1.0",
+    )
+    assert manifests(tagged)[1]["spec"]["rayClusterSpec"]["rayVersion"] == installed
+    pinned = _spec("launcher.kuberay.ray_version=2.61.1")
+    assert manifests(pinned)[1]["spec"]["rayClusterSpec"]["rayVersion"] == "2.61.1"
+
+    def no_ray(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(kuberay.importlib.metadata, "version", no_ray)
+    with pytest.raises(LaunchError, match=r"launcher\.kuberay\.ray_version"):
+        manifests(unpinned)
+    assert manifests(pinned)[1]["spec"]["rayClusterSpec"]["rayVersion"] == "2.61.1"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        None,
+        "rayproject/ray:2.60.0-py311-gpu",
+        "docker.io/rayproject/ray:2.60.0",
+        "rayproject/ray-ml@sha256:" + "0" * 64,
+    ],
+)
+def test_kuberay_refuses_a_missing_or_stock_ray_image(image: str | None) -> None:
+    spec = _spec(f"launcher.kuberay.image={image}" if image else "launcher.kuberay.image=null")
+    with pytest.raises(LaunchError) as err:
+        manifests(spec)
+    message = str(err.value)
+    assert "\n" not in message  # one line, as the CLI prints it
+    assert "launcher.kuberay.image" in message
+    assert "must contain dino-cluster and Ray" in message
+    assert "infra/k8s/README.md" in message
+    # A mirror or an image of one's own is fine, even if its name mentions ray.
+    manifests(_spec("launcher.kuberay.image=registry.example.com/rayproject/ray:2.60.0"))
+
+
+def test_a_spec_without_an_image_is_refused_by_render_submit_and_the_module(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """jobs/vits16.yaml sets no image: nothing is rendered or applied, with one clear line."""
+    spec = load_spec(REPO / "jobs" / "vits16.yaml", [f"run.dir={tmp_path}"])
+    assert spec.launcher.kuberay.image is None
+    backend = KubeRayBackend()
+    for call in (lambda: backend.render(spec), lambda: backend.submit(spec, dry_run=True)):
+        with pytest.raises(LaunchError, match=r"launcher\.kuberay\.image is not set"):
+            call()
+    out = tmp_path / "out.yaml"
+    assert main([str(REPO / "jobs" / "vits16.yaml"), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: kuberay: launcher.kuberay.image is not set")
+    assert len(err.splitlines()) == 1 and "must contain dino-cluster and Ray" in err
+    assert not out.exists()
+
+
+def _podmonitor_ports() -> dict[str, list[dict]]:
+    """PodMonitor name -> its endpoints, from the shipped infra/k8s file."""
+    docs = yaml.safe_load_all(PODMONITOR.read_text())
+    return {d["metadata"]["name"]: d["spec"]["podMetricsEndpoints"] for d in docs}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_local_rank_has_a_declared_port_that_the_podmonitor_scrapes(name: str) -> None:
+    spec = _named(name)
+    rayjob = manifests(spec)[1]
+    ports = [p for p in _worker_container(rayjob)["ports"] if p["name"] != "metrics"]
+    per_pod = spec.launcher.gpus_per_node or spec.launcher.procs_per_node
+    base = spec.metrics.port
+    # Local rank r binds metrics.port + r (train/assemble.build_exporters): all declared.
+    assert [p["containerPort"] for p in ports] == [base + r for r in range(per_pod)]
+    names = [p["name"] for p in ports]
+    assert len(set(names)) == len(names)
+    for port_name in names:  # IANA_SVC_NAME, as Kubernetes requires of port names
+        assert len(port_name) <= 15 and re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", port_name)
+    # The worker PodMonitor has an endpoint for each, with the exporters' labels kept.
+    endpoints = {e["port"]: e for e in _podmonitor_ports()["dino-cluster-ray-workers"]}
+    for port_name in names:
+        assert port_name in endpoints, f"{port_name} is not scraped by {PODMONITOR.name}"
+        ep = endpoints[port_name]
+        assert ep["honorLabels"] is True
+        relabel = {r["targetLabel"]: r for r in ep["relabelings"]}
+        assert relabel["job"]["replacement"] == "dino-cluster"  # the dashboard's up{job=...}
+        assert relabel["run"]["sourceLabels"] == ["__meta_kubernetes_pod_label_dino_cluster_run"]
+    # The head runs no ranks: only Ray's port.
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert not [p for p in head["containers"][0]["ports"] if p["name"].startswith("dino-")]
+
+
+def test_the_shipped_example_declares_all_eight_ranks_of_a_pod() -> None:
+    rayjob = list(yaml.safe_load_all(EXAMPLE.read_text()))[1]
+    ports = {p["name"]: p["containerPort"] for p in _worker_container(rayjob)["ports"]}
+    assert [ports[f"dino-metrics-{r}"] for r in range(8)] == list(range(9464, 9472))
+    scraped = {e["port"] for e in _podmonitor_ports()["dino-cluster-ray-workers"]}
+    assert set(ports) <= scraped
+
+
+def test_metrics_ports_follow_the_metrics_section() -> None:
+    # Port 0 (a free port per rank) cannot be declared: the pods get the default instead.
+    configmap, rayjob = manifests(_spec("metrics.port=0"))
+    ports = [p["containerPort"] for p in _worker_container(rayjob)["ports"]]
+    assert ports == [*range(9464, 9472), 8080]
+    assert yaml.safe_load(configmap["data"]["spec.resolved.yaml"])["metrics"]["port"] == 9464
+    moved = manifests(_spec("metrics.port=9100"))[1]
+    assert [p["containerPort"] for p in _worker_container(moved)["ports"]][:8] == list(
+        range(9100, 9108)
+    )
+    # No exporters, no ports to scrape (they would only be down targets).
+    off = manifests(_spec("metrics.prometheus=false"))[1]
+    assert [p["name"] for p in _worker_container(off)["ports"]] == ["metrics"]
+    with pytest.raises(LaunchError, match="loopback inside the pod"):
+        manifests(_spec("metrics.host=127.0.0.1"))
+    for port in (8075, 10000, 65530):  # over Ray's metrics port, its worker range, 65535
+        with pytest.raises(LaunchError, match="choose another metrics.port"):
+            manifests(_spec(f"metrics.port={port}"))
 
 
 def test_names_and_labels_are_valid_kubernetes_names() -> None:

@@ -8,16 +8,40 @@ The rendered documents are
      `launcher.workers {min, max}`, min/max pods = ceil(workers / GPUs per pod) with the
      KubeRay autoscaler on, so Ray Train's elastic worker range can grow and shrink.
 
+Image and Ray version. The pods run `python -m dino_cluster.launch.ray.driver`, so the image
+must contain dino-cluster as well as Ray: `launcher.kuberay.image` is required and the stock
+rayproject/ray images are refused (they have no dino-cluster; a RayJob with one would only
+fail in the cluster, minutes later). `rayVersion` is the Ray inside that image:
+`launcher.kuberay.ray_version`, else the Ray installed here (read from its package metadata,
+without importing Ray), which the image is expected to match. It is never guessed from the
+image tag: tags carry whatever the builder chose (our own version, dates, ...).
+
 Object-store credentials appear only as a reference to an existing Secret
 (`kuberay.s3_secret_name`, via envFrom) or through workload identity (the pods' service
-account); never as values. The training metrics port (`metrics.port`, 9464 by default) and
-Ray's own metrics port are named on the containers, and every pod carries the labels a
-PodMonitor selects on (infra/k8s/podmonitor.yaml): `app.kubernetes.io/part-of: dino-cluster`
-and `dino-cluster/run: <run name>`.
+account); never as values. Every pod carries the labels a PodMonitor selects on
+(infra/k8s/podmonitor-ray.yaml): `app.kubernetes.io/part-of: dino-cluster` and
+`dino-cluster/run: <run name>`.
+
+Metrics ports. With `metrics.prometheus`, every rank serves its own /metrics on
+`metrics.port + local rank` (dino_cluster.train.assemble.build_exporters). The worker
+container declares one port per local rank, `dino-metrics-<r>` = `metrics.port + r` for
+r in 0 .. ranks per pod - 1, and the PodMonitor has one endpoint per such name, so every rank
+is its own scrape target. Chosen over one exporter per pod that serves all ranks: the ranks
+are Ray Train workers, separate processes that Ray starts, restarts and resizes, with no
+process of ours on the pod that outlives them to own a pod-wide server (and a shared
+multiprocess registry would need cleaning after every restart); per-rank ports need nothing
+new in the ranks and keep `up` per rank, so a dead rank is its own down target. Kubernetes
+port names are at most 15 characters (`dino-metrics-99`), hence at most 100 ranks per pod.
+In the pods a spec's `metrics.port: 0` (a free port per rank) becomes the default port, so
+the ranks bind the declared ports; a loopback `metrics.host` is refused, since nothing
+outside the pod could scrape it (binding all interfaces is the operator's choice to make).
+Ray's own metrics port (`metrics`, 8080) is declared on every pod.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import ipaddress
 import math
 import os
 import re
@@ -42,8 +66,14 @@ SPEC_DIR = "/etc/dino-cluster"
 POD_RUN_DIR = "/tmp/dino-cluster/runs"
 DEFAULT_METRICS_PORT = 9464
 RAY_METRICS_PORT = 8080
-METRICS_PORT_NAME = "dino-metrics"
+METRICS_PORT_PREFIX = "dino-metrics-"  # + local rank
+MAX_RANKS_PER_POD = 100  # port names are <= 15 characters: dino-metrics-99
 RAY_METRICS_PORT_NAME = "metrics"  # the name KubeRay itself gives this port
+# Ray's default worker port range (ray start --min-worker-port/--max-worker-port): a rank's
+# metrics port in it could be taken by a Ray worker first.
+RAY_WORKER_PORTS = range(10002, 20000)
+# Images that carry Ray but not dino-cluster (docker.io/rayproject/...).
+STOCK_RAY_IMAGES = frozenset({"rayproject/ray", "rayproject/ray-ml", "rayproject/ray-llm"})
 
 
 def k8s_name(run_name: str, prefix: str = "dino-", max_len: int = 40) -> str:
@@ -70,11 +100,109 @@ def pod_spec(spec: JobSpec) -> JobSpec:
     doc["run"]["dir"] = POD_RUN_DIR
     doc["launcher"]["backend"] = "kuberay"
     doc["launcher"]["ray"]["address"] = None
+    if not doc["metrics"]["port"]:
+        # The containers declare fixed ports: the ranks must bind exactly those.
+        doc["metrics"]["port"] = DEFAULT_METRICS_PORT
     return spec_from_dict(doc, "<kuberay spec>")
+
+
+def _is_stock_ray_image(image: str) -> bool:
+    name = image.split("@", 1)[0]  # no digest
+    head, _, last = name.rpartition("/")
+    name = f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]  # no tag
+    for registry in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
+        name = name.removeprefix(registry)
+    return name in STOCK_RAY_IMAGES
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_image(spec: JobSpec) -> str:
+    """The worker and head image; one that cannot hold dino-cluster is refused."""
+    image = spec.launcher.kuberay.image
+    if not image:
+        raise LaunchError(
+            "kuberay: launcher.kuberay.image is not set: name your image, which must contain "
+            "dino-cluster and Ray (the stock rayproject/ray images have no dino-cluster; see "
+            "infra/k8s/README.md)"
+        )
+    if _is_stock_ray_image(image):
+        raise LaunchError(
+            f"kuberay: launcher.kuberay.image {image!r} is a stock Ray image without "
+            "dino-cluster: the image must contain dino-cluster and Ray (build one FROM it, "
+            "see infra/k8s/README.md)"
+        )
+    return image
+
+
+def ray_version(spec: JobSpec) -> str:
+    """The RayCluster's rayVersion: the spec's, else the Ray installed here."""
+    version = spec.launcher.kuberay.ray_version
+    if version:
+        return version
+    try:
+        # Package metadata only: importing Ray takes seconds and changes process state.
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        raise LaunchError(
+            "kuberay: launcher.kuberay.ray_version is not set and Ray is not installed here: "
+            "set it to the Ray version inside launcher.kuberay.image (e.g. 2.60.0)"
+        ) from None
+
+
+def ranks_per_pod(spec: JobSpec) -> int:
+    lc = spec.launcher
+    return lc.gpus_per_node if lc.gpus_per_node else lc.procs_per_node
+
+
+def metrics_ports(spec: JobSpec) -> list[tuple[str, int]]:
+    """(name, port) of every local rank's exporter on a worker pod; none without
+    `metrics.prometheus`. Local rank r binds metrics.port + r (build_exporters)."""
+    if not spec.metrics.prometheus:
+        return []
+    base = spec.metrics.port or DEFAULT_METRICS_PORT  # what pod_spec gives the ranks
+    n = ranks_per_pod(spec)
+    return [(f"{METRICS_PORT_PREFIX}{r}", base + r) for r in range(n)]
+
+
+def _check_metrics(spec: JobSpec) -> None:
+    if not spec.metrics.prometheus:
+        return
+    if _is_loopback(spec.metrics.host):
+        raise LaunchError(
+            f"kuberay: metrics.host {spec.metrics.host!r} is loopback inside the pod, so "
+            "Prometheus cannot scrape the ranks: set metrics.host: 0.0.0.0 (or "
+            "metrics.prometheus: false)"
+        )
+    n = ranks_per_pod(spec)
+    if n > MAX_RANKS_PER_POD:
+        raise LaunchError(
+            f"kuberay: {n} ranks per pod need {n} metrics ports, more than the "
+            f"{MAX_RANKS_PER_POD} that fit in Kubernetes port names; set "
+            "metrics.prometheus: false or use fewer ranks per node"
+        )
+    ports = [p for _, p in metrics_ports(spec)]
+    lo, hi = ports[0], ports[-1]
+    clash = hi > 65535 or lo <= RAY_METRICS_PORT <= hi
+    clash = clash or not (hi < RAY_WORKER_PORTS.start or lo >= RAY_WORKER_PORTS.stop)
+    if clash:
+        raise LaunchError(
+            f"kuberay: metrics ports {lo}-{hi} (metrics.port + local rank) must stay below "
+            f"65536 and clear of Ray's metrics port {RAY_METRICS_PORT} and worker ports "
+            f"{RAY_WORKER_PORTS.start}-{RAY_WORKER_PORTS.stop - 1}: choose another metrics.port"
+        )
 
 
 def check_spec(spec: JobSpec) -> None:
     """Refuse specs that cannot work on Kubernetes (say why, submit nothing)."""
+    check_image(spec)
     durable = spec.checkpoint.url or spec.run.storage
     if not durable or _is_local(durable):
         raise LaunchError(
@@ -86,6 +214,7 @@ def check_spec(spec: JobSpec) -> None:
             f"kuberay: data.url {spec.data.url!r} is a local path; the pods need shards in an "
             "object store (s3://...)"
         )
+    _check_metrics(spec)
 
 
 def _labels(spec: JobSpec, component: str | None = None) -> dict[str, str]:
@@ -103,17 +232,12 @@ def _labels(spec: JobSpec, component: str | None = None) -> dict[str, str]:
 def worker_replicas(spec: JobSpec) -> tuple[int, int, int]:
     """(replicas, minReplicas, maxReplicas) in pods: one pod per node."""
     lc = spec.launcher
-    per_pod = lc.gpus_per_node if lc.gpus_per_node else lc.procs_per_node
+    per_pod = ranks_per_pod(spec)
     if lc.workers is None:
         return lc.nodes, lc.nodes, lc.nodes
     lo = math.ceil(lc.workers.min / per_pod)
     hi = math.ceil(lc.workers.max / per_pod)
     return lo, lo, hi
-
-
-def _ray_version(image: str) -> str | None:
-    m = re.search(r":(\d+\.\d+\.\d+)", image)
-    return m.group(1) if m else None
 
 
 def _credentials_env(spec: JobSpec) -> dict[str, Any]:
@@ -139,7 +263,7 @@ def _head_group(spec: JobSpec, configmap: str) -> dict[str, Any]:
     resources = {"cpu": str(kr.head_cpus), "memory": f"{kr.head_memory_gb}Gi"}
     container: dict[str, Any] = {
         "name": "ray-head",
-        "image": kr.image,
+        "image": check_image(spec),
         "ports": [
             {"containerPort": 6379, "name": "gcs-server"},
             {"containerPort": 8265, "name": "dashboard"},
@@ -170,23 +294,21 @@ def _head_group(spec: JobSpec, configmap: str) -> dict[str, Any]:
 def _worker_group(spec: JobSpec) -> dict[str, Any]:
     lc, kr = spec.launcher, spec.launcher.kuberay
     replicas, lo, hi = worker_replicas(spec)
-    per_pod = lc.gpus_per_node if lc.gpus_per_node else lc.procs_per_node
-    cpus = per_pod * lc.cpus_per_worker
+    cpus = ranks_per_pod(spec) * lc.cpus_per_worker
     limits: dict[str, Any] = {"cpu": str(cpus)}
     requests: dict[str, Any] = {"cpu": str(cpus)}
     if kr.worker_memory_gb:
         limits["memory"] = requests["memory"] = f"{kr.worker_memory_gb}Gi"
     if lc.gpus_per_node:
         limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = lc.gpus_per_node
-    metrics_port = spec.metrics.port or DEFAULT_METRICS_PORT
     shm_vol, shm_mount = _shm_volume()
+    # One port per local rank: each rank's exporter is its own PodMonitor target.
+    ports = [{"containerPort": port, "name": name} for name, port in metrics_ports(spec)]
+    ports.append({"containerPort": RAY_METRICS_PORT, "name": RAY_METRICS_PORT_NAME})
     container: dict[str, Any] = {
         "name": "ray-worker",
-        "image": kr.image,
-        "ports": [
-            {"containerPort": metrics_port, "name": METRICS_PORT_NAME},
-            {"containerPort": RAY_METRICS_PORT, "name": RAY_METRICS_PORT_NAME},
-        ],
+        "image": check_image(spec),
+        "ports": ports,
         "resources": {"requests": requests, "limits": limits},
         **_credentials_env(spec),
         "volumeMounts": [shm_mount],
@@ -225,10 +347,8 @@ def manifests(spec: JobSpec) -> list[dict[str, Any]]:
         },
         "data": {"spec.resolved.yaml": pspec.to_yaml()},
     }
-    cluster: dict[str, Any] = {}
-    version = _ray_version(kr.image)
-    if version:
-        cluster["rayVersion"] = version
+    # The Ray inside the image; KubeRay picks version-dependent behaviour from it.
+    cluster: dict[str, Any] = {"rayVersion": ray_version(spec)}
     if spec.launcher.workers is not None:
         # Pods come and go between min and max as Ray Train's elastic range asks for them.
         cluster["enableInTreeAutoscaling"] = True
@@ -377,6 +497,10 @@ class KubeRayBackend:
             args.append("--follow")
         _kubectl(args, capture=False)
 
+    def failure(self, run_dir: Path) -> str | None:
+        """The RayJob's logs say why (`dino-cluster logs RUN`); kubectl has no one-liner."""
+        return None
+
     def cancel(self, run_dir: Path) -> None:
         rec = read_record(run_dir, "kuberay")
         # Deleting the RayJob stops the driver and tears the RayCluster down; the run resumes
@@ -404,13 +528,17 @@ def main(argv: list[str] | None = None) -> int:
     (used to regenerate infra/k8s/vitb8-rayjob.yaml)."""
     import sys
 
-    from dino_cluster.spec import load_spec
+    from dino_cluster.spec import SpecError, load_spec
 
     args = sys.argv[1:] if argv is None else argv
     if not args or len(args) > 2:
         print("usage: python -m dino_cluster.launch.kuberay SPEC [OUT]", file=sys.stderr)
         return 2
-    text = render_yaml(load_spec(args[0]))
+    try:
+        text = render_yaml(load_spec(args[0]))
+    except (LaunchError, SpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # one line, as `dino-cluster render` says it
+        return 1
     if len(args) == 2:
         Path(args[1]).write_text(text, encoding="utf-8")
     else:
