@@ -1,4 +1,5 @@
-"""The job spec: one typed, strict section per component (sections.py), read from bounded,
+"""The job spec: one typed, strict section per component (sections.py), values bounded where
+they become memory or time (bounds.py), URLs without credentials (urls.py), read from bounded,
 safe YAML (strict_yaml.py) with `--set` overrides and field-naming errors (load.py).
 
     job = load_spec("jobs/quickstart.yaml", ["optim.epochs=2"])   # SpecError if wrong

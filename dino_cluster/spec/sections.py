@@ -3,7 +3,8 @@
 One config object per component (model, method, optim, data, checkpoint, launcher,
 evaluation, metrics, performance), each validated where it is declared; the component is
 built from its own section. Defaults are the reference DINO recipe; every deviation is a
-named option.
+named option. Upper bounds on what becomes memory or time live in bounds.py, URL rules
+(no credentials, storage schemes) in urls.py; every float must be finite.
 """
 
 from __future__ import annotations
@@ -14,19 +15,47 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from dino_cluster.spec import bounds as B
+from dino_cluster.spec.urls import (
+    CREDENTIALS_MESSAGE,
+    check_endpoint_url,
+    check_no_credentials,
+    check_storage_url,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# Where data, checkpoints or run state live: s3://, file:/// or a path, never credentials.
+StorageUrl = Annotated[str, AfterValidator(check_storage_url)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", validate_default=True, frozen=False)
+    # allow_inf_nan=False: `base_lr: .inf` passed as a positive float and was NaN at step 1.
+    # It applies to every float of every section, lists included (strict mode keeps it).
+    model_config = ConfigDict(
+        strict=True, extra="forbid", validate_default=True, frozen=False, allow_inf_nan=False
+    )
+
+    @field_validator("*")
+    @classmethod
+    def _no_credentials(cls, v: Any) -> Any:
+        # Any string anywhere (runtime_env pip URLs, setup lines, addresses) ends up printed in
+        # `validate --show`, rendered scripts and spec.resolved.yaml: a URL with user:password@
+        # is refused wherever it is, and the message does not repeat it. Sections check their
+        # own fields, so a nested section is not walked twice.
+        if isinstance(v, BaseModel):
+            return v
+        return check_no_credentials(v)
 
 
 def _check_scale(v: list[float], name: str) -> list[float]:
@@ -43,8 +72,8 @@ class RunSpec(_Section):
     # Local folder that holds every run's folder (resolved spec, metrics log, logs).
     dir: str = "runs"
     # Optional object-store URL for the run's durable state (checkpoints). Default: the run folder.
-    storage: str | None = None
-    seed: NonNegInt = 0
+    storage: StorageUrl | None = None
+    seed: Annotated[int, Field(ge=0, le=B.MAX_SEED)] = 0
 
     @field_validator("name")
     @classmethod
@@ -60,25 +89,29 @@ class RunSpec(_Section):
 
 class ModelSpec(_Section):
     arch: str = "vit_small_patch16_224"  # any timm model name
-    patch_size: PositiveInt | None = 16  # None for CNNs
-    img_size: PositiveInt = 224  # the backbone's nominal size (= the global crop size)
+    # Bounds: dino_cluster/spec/bounds.py (each sizes weights or activations).
+    patch_size: Annotated[int, Field(gt=0, le=B.MAX_PATCH)] | None = 16  # None for CNNs
+    img_size: B.Side = 224  # the backbone's nominal size (= the global crop size)
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # Optional ViT shape overrides passed to timm (tiny models for smoke runs and tests).
-    depth: PositiveInt | None = None
-    embed_dim: PositiveInt | None = None
-    num_heads: PositiveInt | None = None
-    out_dim: PositiveInt = 65536
-    hidden_dim: PositiveInt = 2048
-    bottleneck_dim: PositiveInt = 256
+    depth: Annotated[int, Field(gt=0, le=B.MAX_DEPTH)] | None = None
+    embed_dim: Annotated[int, Field(gt=0, le=B.MAX_WIDTH)] | None = None
+    num_heads: Annotated[int, Field(gt=0, le=B.MAX_HEADS)] | None = None
+    out_dim: Annotated[int, Field(gt=0, le=B.MAX_OUT_DIM)] = 65536
+    hidden_dim: Annotated[int, Field(gt=0, le=B.MAX_HIDDEN_DIM)] = 2048
+    bottleneck_dim: Annotated[int, Field(gt=0, le=B.MAX_BOTTLENECK_DIM)] = 256
     head_layers: Annotated[int, Field(ge=1, le=8)] = 3
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
+    # ViTs: the reference DINO position-embedding resize for other crop sizes (plain bicubic,
+    # +0.1 offset) and cls/pos init (truncated normal 0.02), or timm's own ("timm").
+    pos_embed_interpolation: Literal["reference", "timm"] = "reference"
 
 
 class CropsSpec(_Section):
-    global_size: PositiveInt = 224
-    local_size: PositiveInt = 96
-    n_local: NonNegInt = 8
+    global_size: B.Side = 224
+    local_size: B.Side = 96
+    n_local: Annotated[int, Field(ge=0, le=B.MAX_LOCAL_CROPS)] = 8
     global_scale: list[float] = [0.4, 1.0]
     local_scale: list[float] = [0.05, 0.4]
 
@@ -106,16 +139,16 @@ class CropsSpec(_Section):
 
 
 class MethodSpec(_Section):
-    student_temp: PositiveFloat = 0.1
-    teacher_temp: PositiveFloat = 0.04  # final teacher temperature
-    warmup_teacher_temp: PositiveFloat = 0.04
-    warmup_teacher_temp_epochs: NonNegInt = 0
+    student_temp: B.Temperature = 0.1
+    teacher_temp: B.Temperature = 0.04  # final teacher temperature
+    warmup_teacher_temp: B.Temperature = 0.04
+    warmup_teacher_temp_epochs: B.Epochs = 0  # <= optim.epochs (checked in JobSpec)
     center_momentum: Fraction = 0.9
     teacher_momentum: Fraction = 0.996  # start of the cosine schedule
     teacher_momentum_final: Fraction = 1.0
     crops: CropsSpec = CropsSpec()
     # Stop after this many consecutive non-finite losses (each is skipped and counted).
-    max_nonfinite_steps: PositiveInt = 10
+    max_nonfinite_steps: B.PositiveSteps = 10
 
     @model_validator(mode="after")
     def _momentum(self) -> MethodSpec:
@@ -125,20 +158,22 @@ class MethodSpec(_Section):
 
 
 class OptimSpec(_Section):
-    epochs: PositiveInt = 100
+    # Bounds: dino_cluster/spec/bounds.py. epochs x iters_per_epoch (the schedules' length)
+    # needs the dataset size and is checked when training starts.
+    epochs: B.PositiveEpochs = 100
     # When set, training stops after this many optimizer steps; the schedules still span
     # `epochs` (so a short smoke run follows the real recipe's first steps).
-    max_steps: PositiveInt | None = None
-    global_batch: PositiveInt = 1024
-    base_lr: PositiveFloat = 5e-4
+    max_steps: B.PositiveSteps | None = None
+    global_batch: Annotated[int, Field(gt=0, le=B.MAX_GLOBAL_BATCH)] = 1024
+    base_lr: B.LearningRate = 5e-4
     lr_scaling: Literal["linear", "none"] = "linear"  # lr = base_lr * global_batch / 256
-    warmup_epochs: NonNegInt = 10
-    min_lr: NonNegFloat = 1e-6
-    weight_decay: NonNegFloat = 0.04
-    weight_decay_end: NonNegFloat = 0.4
-    clip_grad: NonNegFloat = 3.0  # 0 disables clipping
+    warmup_epochs: B.Epochs = 10
+    min_lr: Annotated[float, Field(ge=0, le=B.MAX_LR)] = 1e-6
+    weight_decay: Annotated[float, Field(ge=0, le=B.MAX_WEIGHT_DECAY)] = 0.04
+    weight_decay_end: Annotated[float, Field(ge=0, le=B.MAX_WEIGHT_DECAY)] = 0.4
+    clip_grad: Annotated[float, Field(ge=0, le=B.MAX_CLIP)] = 3.0  # 0 disables clipping
     clip_mode: Literal["per_param", "global"] = "per_param"
-    freeze_last_layer: NonNegInt = 1  # epochs
+    freeze_last_layer: B.Epochs = 1  # epochs
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
     @model_validator(mode="after")
@@ -159,24 +194,19 @@ class StorageSpec(_Section):
     """Where and how to reach an object store. Never credentials: those come from the
     environment (AWS_* variables, profiles, workload identity)."""
 
-    endpoint_url: str | None = None
+    # http(s)://host[:port]; user:password@ is refused without repeating it.
+    endpoint_url: Annotated[str, AfterValidator(check_endpoint_url)] | None = None
     region: str | None = None
     profile: str | None = None
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _no_creds(cls, v: str | None) -> str | None:
-        if v is not None and "@" in v.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError("credentials in an endpoint URL are not allowed (use the environment)")
-        return v
 
 
 class DataSpec(_Section):
     # Shards: an index.json, a brace pattern or a folder/prefix, on s3:// or file://.
-    url: str
-    num_workers: NonNegInt = 10
-    shuffle_buffer: NonNegInt = 1000
-    max_image_pixels: PositiveInt = 64_000_000
+    url: StorageUrl
+    # Bounds: dino_cluster/spec/bounds.py (processes, and samples held, per rank).
+    num_workers: Annotated[int, Field(ge=0, le=B.MAX_DATA_WORKERS)] = 10
+    shuffle_buffer: Annotated[int, Field(ge=0, le=B.MAX_SHUFFLE_BUFFER)] = 1000
+    max_image_pixels: Annotated[int, Field(gt=0, le=B.MAX_IMAGE_PIXELS)] = 64_000_000
     # Multi-crop implementation. reference: PIL + torchvision as the paper (default);
     # batched: same distributions, photometric ops batched per chunk in the data workers
     # (~3x the reference per CPU core); gpu: the CPU only crops (uint8), colour jitter,
@@ -196,19 +226,19 @@ class DataSpec(_Section):
 
 class CheckpointSpec(_Section):
     # Default: <run.storage or run.dir>/<run.name>/checkpoints
-    url: str | None = None
-    every_steps: NonNegInt = 0  # 0 = once per epoch
-    keep_last: PositiveInt = 3
-    keep_every_steps: NonNegInt = 0  # also keep every M-th step forever (0 = none)
+    url: StorageUrl | None = None
+    every_steps: B.Steps = 0  # 0 = once per epoch
+    keep_last: Annotated[int, Field(gt=0, le=B.MAX_KEEP_LAST)] = 3
+    keep_every_steps: B.Steps = 0  # also keep every M-th step forever (0 = none)
     resume: bool = True
     # Signals on which rank 0 writes a checkpoint before the process goes away.
     on_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2"]] = ["SIGTERM", "SIGUSR2"]
-    upload_retries: NonNegInt = 3
+    upload_retries: Annotated[int, Field(ge=0, le=100)] = 3  # each backs off: 100 is hours
 
 
 class WorkersSpec(_Section):
-    min: PositiveInt = 1
-    max: PositiveInt = 1
+    min: Annotated[int, Field(gt=0, le=B.MAX_WORKERS)] = 1
+    max: Annotated[int, Field(gt=0, le=B.MAX_WORKERS)] = 1
 
     @model_validator(mode="after")
     def _range(self) -> WorkersSpec:
@@ -223,16 +253,27 @@ class RayLauncherSpec(_Section):
     address: str | None = None
     dashboard_host: str = "127.0.0.1"
     # Worker-group restarts (worker or node failures) before the run fails.
-    max_failures: NonNegInt = 3
+    max_failures: B.Retries = 3
+    # Timeouts: finite and at most a week (bounds.MAX_WAIT_S).
     # Give up when no training worker is alive for this long (cluster cannot supply `min`).
-    startup_timeout_s: PositiveFloat = 600.0
+    startup_timeout_s: B.WaitSeconds = 600.0
+    # Give up when the cluster at `address` (its GCS, or the Jobs API) does not answer.
+    connect_timeout_s: B.WaitSeconds = 30.0
     # How often an elastic run checks whether more workers fit (grows by a restart).
-    resize_interval_s: PositiveFloat = 60.0
+    resize_interval_s: B.WaitSeconds = 60.0
     # Ray's own run bookkeeping (not our checkpoints). Default: RUN/ray.
-    storage_path: str | None = None
+    storage_path: StorageUrl | None = None
     # Extra Ray runtime env for Jobs API submissions (pip, env_vars, ...). No secrets:
     # credential-looking env_vars are refused.
     runtime_env: dict[str, Any] = {}
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        # No Ray address has an '@'; "user:token@head:6379" is a credential (not repeated).
+        if v is not None and "@" in v:
+            raise ValueError(CREDENTIALS_MESSAGE)
+        return v
 
     @field_validator("runtime_env")
     @classmethod
@@ -255,11 +296,11 @@ class SlurmLauncherSpec(_Section):
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    time_min: PositiveInt = 60 * 24
-    mem_gb: PositiveInt | None = None
-    cpus_per_task: PositiveInt = 10
+    time_min: B.Minutes = 60 * 24
+    mem_gb: B.MemGB | None = None
+    cpus_per_task: B.Cpus = 10
     folder: str = "runs/slurm"  # shared path for submitit logs and pickles
-    max_requeues: NonNegInt = 20
+    max_requeues: B.Retries = 20
     # Seconds before the time limit at which SLURM sends USR2 (checkpoint, then requeue).
     signal_grace_s: Annotated[int, Field(ge=10, le=3600)] = 120
     job_name: str | None = None  # default: dino-<run.name>
@@ -296,19 +337,23 @@ class SlurmLauncherSpec(_Section):
 
 class KubeRaySpec(_Section):
     namespace: str = "default"
-    # A Ray image with dino-cluster installed (see infra/k8s/README.md); its Ray version
-    # should match the one dino-cluster was tested with.
-    image: str = "rayproject/ray:2.60.0-py311-gpu"
+    # A Ray image with dino-cluster installed (see infra/k8s/README.md). Required to render or
+    # submit a RayJob: the stock rayproject/ray images do not contain dino-cluster.
+    image: str | None = None
+    # The Ray version inside `image` (the RayCluster's rayVersion). None: the Ray installed
+    # here, which the image should match.
+    ray_version: str | None = None
     # For workload identity (IRSA / GKE WI): the service account carries the cloud role.
     service_account: str | None = None
     node_selector: dict[str, str] = {}  # worker pods (the GPU nodes)
     tolerations: list[dict[str, str | int]] = []  # worker pods
     # An existing Secret with AWS_* keys, referenced by name (envFrom); never its values.
     s3_secret_name: str | None = None
-    head_cpus: PositiveInt = 4
-    head_memory_gb: PositiveInt = 16
-    worker_memory_gb: PositiveInt | None = None  # per worker pod; None = no memory limit
-    ttl_seconds_after_finished: NonNegInt = 3600  # keep the finished cluster for logs
+    head_cpus: B.Cpus = 4
+    head_memory_gb: B.MemGB = 16
+    worker_memory_gb: B.MemGB | None = None  # per worker pod; None = no memory limit
+    # Keep the finished cluster for logs. Kubernetes' field is int32.
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=B.MAX_INT32)] = 3600
 
     @field_validator("namespace", "s3_secret_name", "service_account")
     @classmethod
@@ -324,11 +369,11 @@ class LauncherSpec(_Section):
     # driver, evaluations). None: the one running dino-cluster (its virtual environment), on a
     # cluster that shares it; for the Ray Jobs API and KubeRay, the cluster's own `python`.
     python: str | None = None
-    nodes: PositiveInt = 1
-    gpus_per_node: NonNegInt = 0  # 0 = CPU workers (gloo)
-    cpus_per_worker: PositiveInt = 1
+    nodes: B.Nodes = 1
+    gpus_per_node: Annotated[int, Field(ge=0, le=B.MAX_GPUS_PER_NODE)] = 0  # 0 = CPU (gloo)
+    cpus_per_worker: B.Cpus = 1
     # Local/CPU world size when no GPUs: number of worker processes per node.
-    procs_per_node: PositiveInt = 1
+    procs_per_node: Annotated[int, Field(gt=0, le=B.MAX_PROCS_PER_NODE)] = 1
     workers: WorkersSpec | None = None  # elastic range (Ray); None = fixed world size
     ray: RayLauncherSpec = RayLauncherSpec()
     slurm: SlurmLauncherSpec = SlurmLauncherSpec()
@@ -355,22 +400,22 @@ class LauncherSpec(_Section):
 class EvaluationSpec(_Section):
     enabled: bool = False
     kinds: list[Literal["knn", "linear"]] = ["knn"]
-    train_url: str | None = None
-    val_url: str | None = None
-    knn_k: list[PositiveInt] = [10, 20, 100, 200]
-    knn_temperature: PositiveFloat = 0.07
-    linear_epochs: PositiveInt = 100
-    gpus: NonNegInt = 0
-    cpus: PositiveInt = 2
+    train_url: StorageUrl | None = None
+    val_url: StorageUrl | None = None
+    knn_k: B.KnnKs = [10, 20, 100, 200]
+    knn_temperature: B.Temperature = 0.07
+    linear_epochs: Annotated[int, Field(gt=0, le=B.MAX_LINEAR_EPOCHS)] = 100
+    gpus: Annotated[int, Field(ge=0, le=B.MAX_EVAL_GPUS)] = 0
+    cpus: B.Cpus = 2
     # Where each evaluation runs: auto = the run's backend (local process, Ray task, SLURM
     # job; kuberay runs them as Ray tasks on the run's cluster).
     backend: Literal["auto", "local", "ray", "slurm"] = "auto"
-    mem_gb: PositiveInt | None = None  # SLURM --mem / Ray memory; None: the default
+    mem_gb: B.MemGB | None = None  # SLURM --mem / Ray memory; None: the default
     # SLURM evaluation jobs: None = the run's launcher.slurm value.
     slurm_partition: str | None = None
     slurm_account: str | None = None
     slurm_qos: str | None = None
-    slurm_time_min: PositiveInt = 120
+    slurm_time_min: B.Minutes = 120
 
     @field_validator("slurm_partition", "slurm_account", "slurm_qos")
     @classmethod
@@ -388,7 +433,7 @@ class EvaluationSpec(_Section):
 
 
 class MetricsSpec(_Section):
-    log_every_steps: PositiveInt = 10
+    log_every_steps: Annotated[int, Field(gt=0, le=B.MAX_LOG_EVERY)] = 10
     prometheus: bool = False
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 = pick a free port
@@ -443,7 +488,31 @@ class JobSpec(_Section):
                 f"method.crops.local_size ({self.method.crops.local_size}) is not a multiple of "
                 f"model.patch_size ({self.model.patch_size})"
             )
+        if self.method.warmup_teacher_temp_epochs > self.optim.epochs:
+            # The schedule would be longer than the run: numpy refuses it at the first step.
+            raise ValueError(
+                f"method.warmup_teacher_temp_epochs ({self.method.warmup_teacher_temp_epochs}) "
+                f"exceeds optim.epochs ({self.optim.epochs})"
+            )
+        self._check_crop_memory()
         return self
+
+    def _check_crop_memory(self) -> None:
+        # Crops and batch are bounded one by one; their product is what one rank holds each
+        # step (uint8 RGB, before the float copy on the device). The smallest world the run
+        # may have is the one that holds most.
+        lc, c = self.launcher, self.method.crops
+        world = lc.workers.min if lc.workers is not None else lc.world_size
+        per_rank = -(-self.optim.global_batch // world)
+        pixels = 2 * c.global_size**2 + c.n_local * c.local_size**2
+        need = per_rank * pixels * 3
+        if need > B.MAX_RANK_CROP_BYTES:
+            raise ValueError(
+                f"each rank would hold {need / 2**30:.0f} GiB of crops per step "
+                f"({per_rank} images x {c.n_crops} crops, optim.global_batch / world size): "
+                f"the limit is {B.MAX_RANK_CROP_BYTES >> 30} GiB; lower optim.global_batch, "
+                "the crop sizes or method.crops.n_local, or use more workers"
+            )
 
     # -- derived locations -------------------------------------------------------------
     @property
