@@ -116,7 +116,8 @@ def test_two_ranks_two_workers_five_shards(five_shards: Path) -> None:
 
 
 def _corrupt_dataset(root: Path) -> None:
-    """Shards: clean, bad JPEG + missing image, cut mid-member, cut at a header, missing."""
+    """Shards: clean, bad JPEG + missing image, cut mid-member, cut at a header, missing,
+    complete but shorter than its index says."""
 
     def sample(i: int) -> list[tuple[str, bytes]]:
         return [(f"s{i:03d}.jpg", jpeg_bytes(i)), (f"s{i:03d}.cls", str(i % 3).encode())]
@@ -127,6 +128,7 @@ def _corrupt_dataset(root: Path) -> None:
         + [("s018.jpg", jpeg_bytes(18)[:150]), ("s018.cls", b"1"), ("s019.cls", b"2")],
         "c.tar": [m for i in range(20, 30) for m in sample(i)],
         "d.tar": [m for i in range(30, 40) for m in sample(i)],
+        "f.tar": [m for i in range(40, 46) for m in sample(i)],
     }
     for name, members in shards.items():
         data = tar_bytes(members)
@@ -135,9 +137,12 @@ def _corrupt_dataset(root: Path) -> None:
         if name == "c.tar":
             data = data[: offsets["s022.jpg"][1] + 100]  # inside a member: tarfile raises
         if name == "d.tar":
-            data = data[: offsets["s035.jpg"][0] + 100]  # inside a header: looks complete
+            # Inside a header: tarfile sees a clean end, the missing end-of-archive block
+            # tells it is cut.
+            data = data[: offsets["s035.jpg"][0] + 100]
         (root / name).write_bytes(data)
-    # e.tar is in the index but not in storage: the whole shard is unreadable.
+    # e.tar is in the index but not in storage: the whole shard is unreadable; f.tar is
+    # complete with 6 samples, the index says 10.
     index = {"shards": [{"name": n, "samples": 10} for n in [*sorted(shards), "e.tar"]]}
     (root / "index.json").write_text(json.dumps(index))
 
@@ -148,22 +153,23 @@ def test_corrupt_shard_and_jpeg_skipped_counted_logged_once(
 ) -> None:
     _corrupt_dataset(tmp_path)
     stream = make_stream(tmp_path, batch=8, workers=workers)
-    assert stream.iters_per_epoch == 6
+    assert stream.iters_per_epoch == 7
     with caplog.at_level(logging.WARNING, logger="dino_cluster.data"):
         first = run(stream, 0)
         second = run(stream, 1)
-    assert len(first) == len(second) == 6  # the run goes on, full batch count
+    assert len(first) == len(second) == 7  # the run goes on, full batch count
     bad = stream.bad_samples
     assert bad["bad_image"] == 1 and bad["missing_image"] == 1
-    assert bad["truncated_shard"] == 8  # c.tar: 2 of 10 samples read before the cut
-    assert bad["short_shard"] == 5  # d.tar: ends cleanly after 5 of 10
+    # c.tar: 2 of 10 samples read before the cut; d.tar: 5 of 10 before a cut header
+    assert bad["truncated_shard"] == 8 + 5
+    assert bad["short_shard"] == 4  # f.tar: ends cleanly after 6 of 10
     assert bad["unreadable_shard"] == 10
     good = {k.split("/")[1] for b in first for k in b.keys}
     assert "s018" not in good and "s019" not in good
     assert all(f"s{i:03d}" in good for i in range(10, 18))
     messages = [r.getMessage() for r in caplog.records if "skipped bad sample" in r.getMessage()]
     ids = [m.split()[3] for m in messages]
-    assert len(ids) == len(set(ids)) == 5  # each distinct bad sample logged once, two epochs
+    assert len(ids) == len(set(ids)) == 6  # each distinct bad sample logged once, two epochs
     assert stream.bad_samples == bad
 
 
@@ -262,7 +268,7 @@ def test_lazy_decode_transform_and_broken_transform(tmp_path: Path) -> None:
     _corrupt_dataset(tmp_path)
     lazy = LazyThumb()
     stream = make_stream(tmp_path, batch=8, transform=lazy)
-    assert len(run(stream, 0)) == 6
+    assert len(run(stream, 0)) == 7
     assert "RGB-unloaded" in lazy.modes  # got the image before its pixels were decoded
     assert stream.bad_samples["bad_image"] == 1  # the cut JPEG fails inside the transform
 

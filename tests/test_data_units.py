@@ -204,15 +204,28 @@ def test_tar_refuses_links_and_escaping_names() -> None:
 def test_truncated_tar_raises_after_complete_records() -> None:
     data = tar_bytes([(f"k{i}.jpg", jpeg_bytes(i)) for i in range(4)])
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        third = [m for m in tar if m.name == "k2.jpg"][0]
+        members = tar.getmembers()
+    third, last = members[2], members[3]
+    end = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive blocks start
     seen = []
     with pytest.raises(ShardReadError):  # cut inside a member's data
         for rec in iter_records(io.BytesIO(data[: third.offset_data + 100])):
             seen.append(rec.key)
     assert seen == ["k0", "k1"]
-    # Cut inside a header, tarfile sees a clean end: only the index count can tell (stream
-    # tests check that it is counted as short_shard).
-    assert [r.key for r in iter_records(io.BytesIO(data[: third.offset + 100]))] == ["k0", "k1"]
+    # Cut inside a header, or exactly between members: tarfile sees a clean end, but the
+    # end-of-archive block is missing, so the shard is reported broken too (no index needed),
+    # after the samples whose members are whole.
+    for cut in (third.offset + 100, third.offset):
+        seen = []
+        with pytest.raises(ShardReadError, match="end-of-archive"):
+            for rec in iter_records(io.BytesIO(data[:cut])):
+                seen.append(rec.key)
+        assert seen == ["k0", "k1"]
+    # A complete archive ends with zero blocks; one is enough (tarfile stops at the first).
+    for cut in (end + 512, len(data)):
+        assert [r.key for r in iter_records(io.BytesIO(data[:cut]))] == ["k0", "k1", "k2", "k3"]
+    with pytest.raises(ShardReadError, match="end-of-archive"):
+        list(iter_records(io.BytesIO(data[: end + 511])))
 
 
 class _VirtualTar(io.RawIOBase):
@@ -287,13 +300,11 @@ def test_tar_refuses_devices_and_duplicate_fields() -> None:
             tar.addfile(info, io.BytesIO(data))
     bad: list[tuple[str, str]] = []
     recs = list(iter_records(io.BytesIO(out.getvalue()), on_bad=lambda r, n: bad.append((r, n))))
-    assert bad == [
-        ("unsafe_member", "dev.png"),
-        ("unsafe_member", "fifo.png"),
-        ("duplicate_member", "a.PNG"),  # one field per extension: the first copy stays
-    ]
-    assert [r.key for r in recs] == ["a"]
-    assert recs[0].fields == {"png": png_bytes(1), "cls": b"3"}
+    assert bad == [("unsafe_member", "dev.png"), ("unsafe_member", "fifo.png")]
+    # A repeated field starts a repeat of the sample: the first copy stays as it was, the
+    # repeat (with the members after it) is one duplicate_key record, never merged into it.
+    assert [(r.key, r.problem) for r in recs] == [("a", None), ("a", "duplicate_key")]
+    assert recs[0].fields == {"png": png_bytes(1)} and recs[1].fields == {}
 
 
 def test_tar_record_boundaries_are_those_the_data_position_counts() -> None:

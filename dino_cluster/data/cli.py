@@ -68,10 +68,15 @@ def pack_cmd(
     region: str | None = _REGION,
     profile: str | None = _PROFILE,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    log_every: float = typer.Option(
+        10.0, "--log-every", help="Seconds between progress lines when stderr is no terminal."
+    ),
 ) -> None:
     """Pack images into shard-000000.tar, ... plus index.json at DEST."""
     from dino_cluster.data.pack import pack  # PIL and the sources: only when packing
 
+    skipped: list[tuple[str, str]] = []
+    bar = progress and sys.stderr.isatty()
     try:
         size = parse_size(shard_size)
         index = pack(
@@ -83,7 +88,13 @@ def pack_cmd(
             limit=limit,
             split=split,
             storage_options=_options(endpoint_url, region, profile),
-            progress=progress and sys.stderr.isatty(),
+            progress=bar,
+            on_skip=lambda name, why: skipped.append((name, why)),
+            # Without a terminal (a log, CI) the bar is off: a line now and then instead.
+            progress_line=(lambda line: typer.echo(line, err=True))
+            if progress and not bar
+            else None,
+            progress_every_s=max(0.0, log_every),
         )
     except ValueError as exc:
         _fail(str(exc))
@@ -91,8 +102,15 @@ def pack_cmd(
         _fail(str(exc), code=1)
     typer.echo(
         f"packed {index['total_samples']} images into {len(index['shards'])} shards at {dest}"
-        + (f" ({index['skipped_sources']} unreadable skipped)" if index["skipped_sources"] else "")
+        + (f" ({len(skipped)} source images skipped)" if skipped else "")
     )
+    for name, why in skipped[:_SHOWN_SKIPS]:
+        typer.echo(f"  skipped {name}: {why}")
+    if len(skipped) > _SHOWN_SKIPS:
+        typer.echo(f"  ... and {len(skipped) - _SHOWN_SKIPS} more (each is in the log above)")
+
+
+_SHOWN_SKIPS = 20
 
 
 @app.command("inspect")
@@ -104,9 +122,7 @@ def inspect_cmd(
     profile: str | None = _PROFILE,
 ) -> None:
     """Show shard count and samples, and decode a few samples as a check."""
-    from dino_cluster.data.decode import BadSample, decode_sample
     from dino_cluster.data.shards import resolve_shards
-    from dino_cluster.data.tario import ShardReadError, iter_records
 
     options = _options(endpoint_url, region, profile)
     try:
@@ -119,27 +135,47 @@ def inspect_cmd(
         if check <= 0:
             return
         first = shards.shards[0].name
-        ok, problems, sizes = 0, [], set()
-        store = open_store(shards.root_url, options)
-        with store.open_read(first) as f:
-            try:
-                for rec in itertools.islice(iter_records(f), check):
-                    try:
-                        sample = decode_sample(rec.fields, max_pixels=64_000_000)
-                        ok += 1
-                        sizes.add(sample.image.size)
-                    except BadSample as bad:
-                        problems.append(f"{rec.key}: {bad}")
-            except ShardReadError as exc:
-                problems.append(f"shard broken: {exc}")
+        ok, tried, problems, sizes = _check_shard(
+            open_store(shards.root_url, options), first, check
+        )
     except ValueError as exc:
         _fail(str(exc))
     except StorageError as exc:
         _fail(str(exc), code=1)
-    tried = ok + len([p for p in problems if not p.startswith("shard broken")])
     shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
     typer.echo(f"decoded {ok}/{tried} samples from {first} (sizes: {shown or '-'})")
     for problem in problems:
         typer.echo(f"  bad: {problem}")
     if problems:
         raise typer.Exit(1)
+
+
+def _check_shard(store, name: str, check: int) -> tuple[int, int, list[str], set]:  # type: ignore[no-untyped-def]
+    """Decode the first `check` records of one shard: (decoded, tried, problems, sizes)."""
+    from dino_cluster.data.decode import BadSample, decode_sample
+    from dino_cluster.data.tario import ShardReadError, is_gzip_shard, iter_records
+
+    ok, tried, problems, sizes = 0, 0, [], set()
+    members: list[str] = []
+    with store.open_read(name) as f:
+        records = iter_records(
+            f, on_bad=lambda r, m: members.append(f"{m}: {r}"), compressed=is_gzip_shard(name)
+        )
+        try:
+            for rec in itertools.islice(records, check):
+                tried += 1
+                if rec.problem is not None:
+                    problems.append(f"{rec.key}: {rec.problem}")
+                    continue
+                try:
+                    sample = decode_sample(rec.fields, max_pixels=64_000_000)
+                except BadSample as bad:
+                    problems.append(f"{rec.key}: {bad}")
+                    continue
+                ok += 1
+                sizes.add(sample.image.size)
+                if sample.label_error is not None:
+                    problems.append(f"{rec.key}: bad_label (used unlabelled): {sample.label_error}")
+        except ShardReadError as exc:
+            problems.append(f"shard broken: {exc}")
+    return ok, tried, [*(f"refused member {m}" for m in members), *problems], sizes

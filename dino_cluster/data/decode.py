@@ -4,6 +4,11 @@ Only the keys the pipeline needs are ever decoded: an image (.jpg/.jpeg/.png/.we
 optional integer label (.cls). Everything else in a sample (.pyd, .pth, .json, ...) is ignored
 as bytes and never unpickled. Image size is checked from the header before pixels are decoded,
 so a decompression bomb costs a header parse, not memory.
+
+A label is optional data: one that is not a plain decimal integer in [0, 2**63) (non-ASCII,
+signed, too long, beyond int64) makes the sample unlabelled (-1) with `label_error` saying why,
+never an unusable sample: pretraining does not need labels, and one bad `.cls` must not cost
+the image (evaluation, which does need labels, skips such samples itself).
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ LABEL_EXT = "cls"
 # Ghostscript).
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 _MAX_LABEL_BYTES = 32
+# Labels become int64 tensors: a larger value raised "Overflow when unpacking long long" in
+# torch.tensor and stopped the run, on every restart.
+_MAX_LABEL = (1 << 63) - 1
+_ASCII_SPACE = b" \t\r\n\x0b\x0c"
 
 
 class BadSample(Exception):
@@ -35,7 +44,8 @@ class BadSample(Exception):
 @dataclass
 class DecodedSample:
     image: Image.Image  # RGB
-    label: int  # -1 when the sample carries no label
+    label: int  # -1 when the sample carries no (usable) label
+    label_error: str | None = None  # why a `.cls` present was not usable (label is then -1)
 
 
 def decode_image(data: bytes, *, max_pixels: int, load: bool = True) -> Image.Image:
@@ -76,12 +86,18 @@ def decode_image(data: bytes, *, max_pixels: int, load: bool = True) -> Image.Im
 
 
 def decode_label(data: bytes) -> int:
+    """A `.cls` field as a label in [0, 2**63); BadSample("bad_label") for anything else."""
     if len(data) > _MAX_LABEL_BYTES:
         raise BadSample("bad_label", f"label field of {len(data)} bytes")
-    try:
-        return int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise BadSample("bad_label", repr(data[:_MAX_LABEL_BYTES])) from None
+    text = data.strip(_ASCII_SPACE)
+    # bytes.isdigit is ASCII-only: int() alone would also take "+5", "1_0" and, decoded,
+    # non-ASCII digits.
+    if not text or not text.isdigit():
+        raise BadSample("bad_label", f"not a non-negative integer: {data!r}")
+    label = int(text)
+    if label > _MAX_LABEL:
+        raise BadSample("bad_label", f"{label} does not fit in int64")
+    return label
 
 
 def pick_image(fields: dict[str, bytes]) -> bytes:
@@ -92,7 +108,14 @@ def pick_image(fields: dict[str, bytes]) -> bytes:
 
 
 def decode_sample(fields: dict[str, bytes], *, max_pixels: int, load: bool = True) -> DecodedSample:
-    """Decode the image and label fields of one sample; raise BadSample when unusable."""
+    """Decode the image and label fields of one sample; raise BadSample when the image is
+    unusable. A bad label does not raise: the sample comes back unlabelled, with
+    `label_error` set, for the caller to count."""
     data = pick_image(fields)
-    label = decode_label(fields[LABEL_EXT]) if LABEL_EXT in fields else -1
-    return DecodedSample(decode_image(data, max_pixels=max_pixels, load=load), label)
+    label, label_error = -1, None
+    if LABEL_EXT in fields:
+        try:
+            label = decode_label(fields[LABEL_EXT])
+        except BadSample as bad:
+            label_error = bad.detail
+    return DecodedSample(decode_image(data, max_pixels=max_pixels, load=load), label, label_error)

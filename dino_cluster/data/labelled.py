@@ -6,7 +6,9 @@ exactly once, in a fixed order, with its label, and no augmentation beyond one d
 list (shard i goes to rank i % world_size), so ranks see disjoint parts whose union is the
 whole dataset. Inside a rank, DataLoader workers (if any) split that rank's shards the same
 way and the loader interleaves their batches in a fixed order. Bad samples (undecodable,
-unlabelled) cost one sample each: counted in `LabelledReader.bad` and logged once.
+unlabelled, an unusable label, a repeated key) cost one sample each: counted in
+`LabelledReader.bad` and logged once; a shard that breaks or ends short of its index count
+counts the samples it did not give (`truncated_shard`, `unreadable_shard`, `short_shard`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dino_cluster.data.decode import BadSample, decode_sample
 from dino_cluster.data.shards import ShardSet, resolve_shards
-from dino_cluster.data.tario import ShardReadError, iter_records
+from dino_cluster.data.tario import ShardReadError, is_gzip_shard, iter_records
 from dino_cluster.storage import StorageError, StorageOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,14 @@ class _Chunk:
     images: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
+    bad: list[tuple[str, str, int]] = field(default_factory=list)  # (sample id, reason, count)
 
 
 @dataclass(frozen=True)
 class _Bad:
     sample_id: str
     reason: str
+    count: int = 1
 
 
 def split_shards(names: list[str], rank: int, world_size: int) -> list[str]:
@@ -68,10 +71,12 @@ class _ShardPass(IterableDataset):
         storage_options: StorageOptions | None,
         max_pixels: int,
         require_labels: bool,
+        samples: dict[str, int] | None = None,
     ) -> None:
         self.root_url, self.names, self.transform = root_url, names, transform
         self.batch_size, self.storage_options = batch_size, storage_options
         self.max_pixels, self.require_labels = max_pixels, require_labels
+        self.samples = samples or {}  # expected records per shard (index or count)
 
     def __iter__(self) -> Iterator[_Chunk]:
         info = get_worker_info()
@@ -81,7 +86,7 @@ class _ShardPass(IterableDataset):
         for name in names:
             for item in self._read(store, name):
                 if isinstance(item, _Bad):
-                    chunk.bad.append((item.sample_id, item.reason))
+                    chunk.bad.append((item.sample_id, item.reason, item.count))
                     continue
                 key, image, label = item
                 chunk.images.append(image)
@@ -95,32 +100,52 @@ class _ShardPass(IterableDataset):
 
     def _read(self, store, name: str) -> Iterator:  # type: ignore[no-untyped-def]
         bad: list[_Bad] = []
+        read = 0
 
         def on_bad(reason: str, member: str) -> None:
             bad.append(_Bad(f"{name}/{member}", reason))
 
         try:
-            with store.open_read(name) as f, closing(iter_records(f, on_bad=on_bad)) as recs:
+            with (
+                store.open_read(name) as f,
+                closing(iter_records(f, on_bad=on_bad, compressed=is_gzip_shard(name))) as recs,
+            ):
                 for rec in recs:
+                    read += 1
                     yield from bad
                     bad.clear()
-                    try:
-                        sample = decode_sample(rec.fields, max_pixels=self.max_pixels)
-                    except BadSample as exc:
-                        yield _Bad(f"{name}/{rec.key}", exc.reason)
-                        continue
-                    if self.require_labels and sample.label < 0:
-                        yield _Bad(f"{name}/{rec.key}", "missing_label")
-                        continue
-                    try:
-                        image = self.transform(sample.image)
-                    except Exception as exc:  # noqa: BLE001 - one degenerate image, one sample
-                        yield _Bad(f"{name}/{rec.key}", f"transform_failed: {exc}")
-                        continue
-                    yield rec.key, image, sample.label
+                    yield from self._sample(name, rec)
         except (ShardReadError, StorageError, OSError) as exc:
-            yield _Bad(name, f"unreadable_shard: {exc}")
+            missing = max(1, self.samples.get(name, 0) - read)
+            kind = "truncated_shard" if read else "unreadable_shard"
+            yield _Bad(name, f"{kind}: {exc} after {read} samples", missing)
+        else:
+            if self.samples.get(name, 0) > read:
+                missing = self.samples[name] - read
+                yield _Bad(name, f"short_shard: {read} samples, index says more", missing)
         yield from bad
+
+    def _sample(self, name: str, rec) -> list:  # type: ignore[no-untyped-def]
+        """[(key, transformed image, label)] for one record, and/or why it is not usable."""
+        sample_id = f"{name}/{rec.key}"
+        if rec.problem is not None:
+            return [_Bad(sample_id, f"{rec.problem}: repeats an earlier sample")]
+        try:
+            sample = decode_sample(rec.fields, max_pixels=self.max_pixels)
+        except BadSample as exc:
+            return [_Bad(sample_id, exc.reason)]
+        out: list = []
+        if sample.label_error is not None:
+            out.append(_Bad(sample_id, f"bad_label: {sample.label_error}"))
+            if self.require_labels:
+                return out
+        elif self.require_labels and sample.label < 0:
+            return [_Bad(sample_id, "missing_label")]
+        try:
+            image = self.transform(sample.image)
+        except Exception as exc:  # noqa: BLE001 - one degenerate image, one sample
+            return [*out, _Bad(sample_id, f"transform_failed: {exc}")]
+        return [*out, (rec.key, image, sample.label)]
 
 
 def _identity(item: _Chunk) -> _Chunk:
@@ -160,6 +185,7 @@ class LabelledReader:
             storage_options,
             max_image_pixels,
             require_labels,
+            {s.name: s.samples for s in shards.shards},
         )
 
     def __iter__(self) -> Iterator[LabelledBatch]:
@@ -175,9 +201,9 @@ class LabelledReader:
                 )
             )
         for chunk in source:
-            for sample_id, reason in chunk.bad:
+            for sample_id, reason, count in chunk.bad:
                 kind = reason.split(":", 1)[0]
-                self.bad[kind] = self.bad.get(kind, 0) + 1
+                self.bad[kind] = self.bad.get(kind, 0) + count
                 log.warning("evaluation skipped bad sample %s: %s", sample_id, reason)
             if chunk.images:
                 yield LabelledBatch(

@@ -15,6 +15,14 @@ read again from their start (the one shard per rank-worker read twice) but their
 `in_flight[name]` records are skipped, and the rest is split over the new (rank, worker) grid,
 whatever its size.
 
+Exact resume. At an unchanged grid (world size and data workers) the position also holds,
+per (rank, worker), where that worker stood after the last sample the trainer got
+(`workers`): its remaining shards and records to skip, quota, repeat pass and, with data
+workers, the state of its random generators (worker_rng.py). A resume then gives each worker
+exactly that task instead of re-planning, and the batches, their samples and their
+augmentations continue as if never stopped. A position without it (saved by one rank only,
+or at another grid) falls back to the re-plan above: same samples covered, fresh seeds.
+
 Equal batch counts. Every rank must yield the same number of batches or DDP hangs. The number
 is fixed: iters_per_epoch - batches_done. Each rank needs `remaining * per_rank_batch` samples;
 its share is split over its workers in proportion to their samples. A worker that runs out
@@ -29,6 +37,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from dino_cluster.data.worker_rng import RngState
 
 STATE_VERSION = 1
 
@@ -80,12 +91,52 @@ def split_quota(total: int, weights: Sequence[int]) -> list[int]:
 
 @dataclass
 class WorkerTask:
-    """What one (rank, worker) reads this epoch."""
+    """What one (rank, worker) reads this epoch, or from a point within it on."""
 
     own: list[tuple[str, int]]  # (shard, records to skip) read first, tracked in the position
     quota: int  # samples this worker emits, exactly
     repeat_pool: list[str]  # shards to repeat (untracked) when `own` runs short
     global_index: int = 0
+    # Where the repeat passes start: (pass number, index in repeat_pool, records to skip).
+    repeat_from: tuple[int, int, int] = (1, 0, 0)
+    rng: RngState | None = None  # generators to restore first (exact resume, data workers)
+    # Samples of the first emitted chunk the trainer already has (the main process drops them;
+    # the worker re-makes the whole chunk so that its batch stage sees the same chunk).
+    drop: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "own": [[name, skip] for name, skip in self.own],
+            "quota": self.quota,
+            "repeat_pool": list(self.repeat_pool),
+            "global_index": self.global_index,
+            "repeat_from": list(self.repeat_from),
+            "rng": self.rng.to_json() if self.rng is not None else None,
+            "drop": self.drop,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: object) -> WorkerTask:
+        try:
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+            own = [(str(name), int(skip)) for name, skip in doc["own"]]
+            pass_no, start, skip = (int(v) for v in doc["repeat_from"])
+            task = cls(
+                own,
+                int(doc["quota"]),
+                [str(n) for n in doc["repeat_pool"]],
+                int(doc["global_index"]),
+                (pass_no, start, skip),
+                RngState.from_json(doc["rng"]) if doc.get("rng") is not None else None,
+                int(doc.get("drop", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed worker task in the data position: {exc}") from None
+        numbers = [task.quota, task.drop, pass_no - 1, start, skip, *(s for _, s in own)]
+        if min(numbers) < 0 or start > len(task.repeat_pool):
+            raise ValueError("malformed worker task in the data position: negative count")
+        return task
 
 
 def plan_rank(
@@ -131,9 +182,12 @@ class DataPosition:
     batches_done: int = 0
     consumed: set[str] = field(default_factory=set)
     in_flight: dict[str, int] = field(default_factory=dict)
+    # Exact-resume tasks: {"world_size", "num_workers", "ranks": {"<rank>": {"phase": int,
+    # "tasks": [WorkerTask.to_dict(), ...]}}} (see "Exact resume"), or None.
+    workers: dict[str, Any] | None = None
 
     def to_dict(self, *, seed: int, global_batch: int, shuffle_buffer: int, dataset: str) -> dict:
-        return {
+        out = {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
@@ -144,6 +198,9 @@ class DataPosition:
             "shuffle_buffer": shuffle_buffer,
             "dataset": dataset,
         }
+        if self.workers is not None:
+            out["workers"] = self.workers
+        return out
 
     @classmethod
     def from_dict(cls, state: dict) -> DataPosition:
@@ -157,7 +214,33 @@ class DataPosition:
             raise ValueError(f"malformed data position: {exc}") from None
         if epoch < 0 or batches < 0 or any(v < 0 for v in in_flight.values()):
             raise ValueError("malformed data position: negative epoch, batch or offset")
-        return cls(epoch, batches, consumed, in_flight)
+        workers = state.get("workers")
+        if workers is not None and not (
+            isinstance(workers, dict) and isinstance(workers.get("ranks"), dict)
+        ):
+            raise ValueError("malformed data position: 'workers' is not an object of ranks")
+        return cls(epoch, batches, consumed, in_flight, workers)
+
+    def rank_tasks(
+        self, *, rank: int, world_size: int, num_workers: int
+    ) -> tuple[list[WorkerTask], int] | None:
+        """This rank's exact-resume tasks and the worker to start with, when the position has
+        them for this grid and for every rank of it (all ranks then decide alike); else None."""
+        w = self.workers
+        if w is None or w.get("world_size") != world_size or w.get("num_workers") != num_workers:
+            return None
+        ranks = w["ranks"]
+        if sorted(ranks) != sorted(str(r) for r in range(world_size)):
+            return None
+        mine = ranks[str(rank)]
+        try:
+            tasks = [WorkerTask.from_dict(t) for t in mine["tasks"]]
+            phase = int(mine["phase"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed data position: {exc}") from None
+        if len(tasks) != max(1, num_workers) or not 0 <= phase < len(tasks):
+            raise ValueError("malformed data position: worker tasks do not fit the grid")
+        return tasks, phase
 
 
 _MUST_AGREE = ("version", "epoch", "batches_done", "seed", "global_batch", "dataset")
@@ -184,4 +267,22 @@ def merge_states(states: Sequence[dict]) -> dict:
     merged = dict(first)
     merged["consumed"] = sorted(consumed)
     merged["in_flight"] = {k: in_flight[k] for k in sorted(in_flight) if k not in consumed}
+    merged.pop("workers", None)
+    workers = _merge_workers([st.get("workers") for st in states])
+    if workers is not None:
+        merged["workers"] = workers
     return merged
+
+
+def _merge_workers(parts: list[Any]) -> dict[str, Any] | None:
+    """The ranks' exact-resume tasks together, or None unless every part has them for one
+    grid (a resume then re-plans, which is always safe)."""
+    if not parts or any(not isinstance(p, dict) for p in parts):
+        return None
+    grid = (parts[0].get("world_size"), parts[0].get("num_workers"))
+    ranks: dict[str, Any] = {}
+    for part in parts:
+        if (part.get("world_size"), part.get("num_workers")) != grid:
+            return None
+        ranks.update(part.get("ranks", {}))
+    return {"world_size": grid[0], "num_workers": grid[1], "ranks": ranks}

@@ -7,6 +7,15 @@ shard's emission order, key, label and whether it is an untracked repeat, plus t
 worker finished and the bad samples it met since the previous item. The main process turns
 that into batches and the data position. A transform with `per_sample` and `per_batch`
 runs in two stages (`split_transform`): per image, then once per emitted chunk.
+
+For exact resume (position.py) every item also carries its number `seq` and `after`: the
+WorkerTask that continues this worker from just after the item, random state included. The
+first item (seq 0) carries no samples, only the task as the worker starts it, so the main
+process knows every worker's starting state before the first batch: in-order delivery puts
+all first items ahead of any chunk.
+
+A sample whose label is unusable is still emitted, unlabelled (-1), and counted as a
+`bad_label` event: pretraining does not use labels.
 """
 
 from __future__ import annotations
@@ -21,9 +30,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dino_cluster.data import worker_rng
 from dino_cluster.data.decode import BadSample, decode_sample
 from dino_cluster.data.position import WorkerTask, stable_seed
-from dino_cluster.data.tario import DEFAULT_MAX_MEMBER_BYTES, ShardReadError, iter_records
+from dino_cluster.data.tario import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    ShardReadError,
+    is_gzip_shard,
+    iter_records,
+)
 from dino_cluster.storage import StorageError, StorageOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -105,7 +120,12 @@ def read_shard(store, ctx: ReadContext, name: str, pass_no: int, skip: int) -> I
     def records():
         try:
             with store.open_read(name) as f:
-                for rec in iter_records(f, on_bad=on_bad, max_member_bytes=ctx.max_member_bytes):
+                for rec in iter_records(
+                    f,
+                    on_bad=on_bad,
+                    max_member_bytes=ctx.max_member_bytes,
+                    compressed=is_gzip_shard(name),
+                ):
                     state["read"] += 1
                     yield rec
         except (ShardReadError, StorageError, OSError) as exc:
@@ -119,11 +139,18 @@ def read_shard(store, ctx: ReadContext, name: str, pass_no: int, skip: int) -> I
                 yield member_bad.pop(0)
             if pos < skip:
                 continue
+            sample_id = f"{name}/{rec.key}"
+            if rec.problem is not None:
+                yield ("bad", f"{sample_id}#{pos}", rec.problem, "repeats an earlier sample", 1)
+                continue
             try:
                 decoded = decode_sample(rec.fields, max_pixels=ctx.max_pixels, load=not lazy)
             except BadSample as bad:
-                yield ("bad", f"{name}/{rec.key}", bad.reason, bad.detail, 1)
+                yield ("bad", sample_id, bad.reason, bad.detail, 1)
                 continue
+            if decoded.label_error is not None:
+                # Counted, and the image still trains: the label is optional data.
+                yield ("bad", f"{sample_id}.cls", "bad_label", decoded.label_error, 1)
             yield ("ok", pos, rec.key, decoded)
     yield from member_bad
     read, error = state["read"], state["error"]
@@ -149,6 +176,9 @@ class _Emitter:
         self.emitted = 0
         self.failures = 0
         self.successes = 0
+        self.seq = 0  # number of the next item
+        # The WorkerTask that continues from the current point (set by run_worker).
+        self.describe: Callable[[], WorkerTask] = lambda: WorkerTask([], 0, [])
 
     def add(self, shard: str, pos: int, key: str, sample, repeat: bool) -> bool:
         try:
@@ -186,7 +216,11 @@ class _Emitter:
             except Exception as exc:
                 # Per-sample failures are data; a failing batch stage is code or configuration.
                 raise DataError(f"the transform's per_batch stage failed: {exc}") from exc
-        meta = dict(self.meta, done=self.done, bad=self.bad, worker=self.worker)
+        # `after` is taken once the chunk is complete (the batch stage included), so it holds
+        # the random state right before this worker's next sample.
+        meta = dict(self.meta, done=self.done, bad=self.bad, worker=self.worker, seq=self.seq,
+                    after=self.describe())  # fmt: skip
+        self.seq += 1
         self.crops = []
         self.meta = {k: [] for k in self.meta}
         self.done, self.bad = [], []
@@ -203,43 +237,86 @@ def _stack(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         raise DataError(f"the transform must return same-shape tensors per crop: {exc}") from exc
 
 
-def run_worker(ctx: ReadContext, task: WorkerTask) -> Iterator[tuple[list | None, dict]]:
-    """Emit exactly `task.quota` samples: own shards first, then repeated passes if short."""
+class _Cursor:
+    """Where a worker stands in its task, to describe the task that continues from there."""
+
+    def __init__(self, task: WorkerTask, capture_rng: bool) -> None:
+        self.task, self.capture_rng = task, capture_rng
+        self.own_index = 0
+        self.repeat: tuple[int, int] | None = None  # (pass, pool index) once repeating
+        self.skip = 0  # records of the current shard done: those before the last sample too
+
+    def describe(self, emitted: int) -> WorkerTask:
+        t = self.task
+        rng = worker_rng.capture() if self.capture_rng else None
+        if emitted == 0 and self.repeat is None and self.own_index == 0:
+            return WorkerTask(t.own, t.quota, t.repeat_pool, t.global_index, t.repeat_from, rng)
+        quota = t.quota - emitted
+        if self.repeat is None:
+            name = t.own[self.own_index][0]
+            own = [(name, self.skip), *t.own[self.own_index + 1 :]]
+            return WorkerTask(own, quota, t.repeat_pool, t.global_index, t.repeat_from, rng)
+        pass_no, index = self.repeat
+        at = (pass_no, index, self.skip)
+        return WorkerTask([], quota, t.repeat_pool, t.global_index, at, rng)
+
+
+def run_worker(
+    ctx: ReadContext, task: WorkerTask, *, capture_rng: bool = False
+) -> Iterator[tuple[list | None, dict]]:
+    """Emit exactly `task.quota` samples: own shards first, then repeated passes if short.
+    With `capture_rng` (in a data worker) each item's `after` holds the random state."""
     em = _Emitter(ctx, task.global_index)
     if task.quota <= 0:
         return
     store = open_store(ctx.root_url, ctx.storage_options)
+    cursor = _Cursor(task, capture_rng)
+    em.describe = lambda: cursor.describe(em.emitted)
+    yield em.take()  # seq 0: no samples, the task as this worker starts it
 
     def feed(name: str, pass_no: int, skip: int, repeat: bool) -> Iterator[tuple]:
         """Yields chunks while reading one shard; returns once the quota is met or shard ends."""
+        cursor.skip = skip
         with closing(read_shard(store, ctx, name, pass_no, skip)) as events:
             for ev in events:
                 if ev[0] == "bad":
                     em.bad.append(ev[1:])
                     continue
                 _, pos, key, sample = ev
-                if em.add(name, pos, key, sample, repeat) and em.full():
-                    yield em.take()
+                if em.add(name, pos, key, sample, repeat):
+                    cursor.skip = pos + 1
+                    if em.full():
+                        yield em.take()
                 if em.emitted >= task.quota:
                     return
 
-    for name, skip in task.own:
+    for i, (name, skip) in enumerate(task.own):
+        cursor.own_index = i
         yield from feed(name, 0, skip, repeat=False)
         if em.emitted >= task.quota:
             break
         em.done.append(name)
-    pass_no = 1
+    yield from _repeat_passes(task, em, cursor, feed)
+    if em.crops or em.done or em.bad:
+        yield em.take()
+
+
+def _repeat_passes(task: WorkerTask, em: _Emitter, cursor: _Cursor, feed) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
+    """Untracked passes over the repeat pool until the quota is met, starting where
+    `task.repeat_from` says (a resumed task may start mid-pass, mid-shard)."""
+    pass_no, start, skip = task.repeat_from
     while em.emitted < task.quota:
         before = em.emitted
-        for name in task.repeat_pool:
-            yield from feed(name, pass_no, 0, repeat=True)
+        partial = start > 0 or skip > 0  # the rest of a pass that yielded samples before
+        for index in range(start, len(task.repeat_pool)):
+            cursor.repeat = (pass_no, index)
+            yield from feed(task.repeat_pool[index], pass_no, skip, repeat=True)
+            skip = 0
             if em.emitted >= task.quota:
                 break
-        if em.emitted == before:
+        if em.emitted == before and not partial:
             raise DataError(
                 f"worker {task.global_index} needs {task.quota - em.emitted} more samples but "
                 f"its shards {task.repeat_pool[:3]}... yield no decodable sample"
             )
-        pass_no += 1
-    if em.crops or em.done or em.bad:
-        yield em.take()
+        start, pass_no = 0, pass_no + 1

@@ -2,8 +2,14 @@
 
 Every form resolves to a root URL plus shard names relative to it, each with a sample count.
 Counts come from index.json (written by `pack`); without one, each shard is read once to count
-its samples (slow on large datasets; a warning says so). Index files come from buckets and are
-untrusted: names must be plain relative paths under the root.
+its samples (slow on large datasets; a warning says so). A shard found broken while counting
+(cut short, no end-of-archive block) keeps the records read before the break, and carries
+the break in `ShardInfo.problem`, which the readers count as `truncated_shard` (or
+`unreadable_shard`). Index files come from buckets and
+are untrusted: names must be plain relative paths under the root, counts plausible, the file
+bounded in size before it is read whole. Shards are `.tar`, `.tar.gz` or `.tgz` (listing finds
+all three); other compressions are refused by name, with a message, rather than read as
+garbage.
 """
 
 from __future__ import annotations
@@ -14,14 +20,25 @@ import logging
 import re
 from dataclasses import dataclass
 
-from dino_cluster.data.tario import ShardReadError, count_records, unsafe_name
+from dino_cluster.data.tario import (
+    SHARD_SUFFIXES,
+    ShardReadError,
+    count_records,
+    is_gzip_shard,
+    unsafe_name,
+)
 from dino_cluster.storage import StorageOptions, open_store
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
-SHARD_SUFFIX = ".tar"
+SHARD_SUFFIX = ".tar"  # what `pack` writes; SHARD_SUFFIXES is what is read
+_SUFFIXES_TEXT = "/".join(SHARD_SUFFIXES)
 MAX_INDEX_BYTES = 64 << 20
+# A shard of more samples than this is a lying index, not a dataset: counts this large would
+# make an epoch that never ends (and overflow the plan's arithmetic long before).
+MAX_SHARD_SAMPLES = 1 << 40
+_UNSUPPORTED_COMPRESSION = (".bz2", ".xz", ".zst", ".zstd", ".lz4", ".br", ".7z", ".zip")
 _MAX_EXPANSION = 1_000_000
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -31,6 +48,9 @@ class ShardInfo:
     name: str  # relative to ShardSet.root_url; also the shard's identity in the data position
     samples: int
     bytes: int | None = None
+    # "truncated_shard: ..." / "unreadable_shard: ...": found broken when counted (no index).
+    # A reader may stop at its quota before it reaches the break, so the stream counts this.
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,31 @@ def _split_parent(url: str) -> tuple[str, str]:
 def _check_name(name: object, where: str) -> str:
     if not isinstance(name, str) or unsafe_name(name) or "://" in name or name in (".", ""):
         raise ValueError(f"{where}: invalid shard name {name!r} (must be a relative path)")
+    if name.lower().endswith(_UNSUPPORTED_COMPRESSION):
+        raise ValueError(
+            f"{where}: shard {name!r} is compressed in a format that is not read; shards are "
+            f"{_SUFFIXES_TEXT} (recompress it with gzip, or repack it)"
+        )
     return name
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIXES)
+
+
+def read_index(store, name: str) -> bytes:  # type: ignore[no-untyped-def]
+    """The index file's bytes, refused before it is read whole when it is too large."""
+    parts: list[bytes] = []
+    got = 0
+    with store.open_read(name) as f:
+        # Raw streams (S3) may return less than asked: read until the bound or the end.
+        while got <= MAX_INDEX_BYTES and (part := f.read(MAX_INDEX_BYTES + 1 - got)):
+            parts.append(part)
+            got += len(part)
+    data = b"".join(parts)
+    if len(data) > MAX_INDEX_BYTES:
+        raise ValueError(f"{store.url_for(name)}: index larger than {MAX_INDEX_BYTES} bytes")
+    return data
 
 
 def parse_index(data: bytes, where: str) -> tuple[list[ShardInfo], tuple[str, ...] | None]:
@@ -122,7 +166,14 @@ def parse_index(data: bytes, where: str) -> tuple[list[ShardInfo], tuple[str, ..
         samples, nbytes = entry.get("samples"), entry.get("bytes")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
             raise ValueError(f"{where}: shards[{i}].samples must be an integer >= 0")
-        if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
+        if samples > MAX_SHARD_SAMPLES:
+            raise ValueError(
+                f"{where}: shards[{i}].samples = {samples} is not a plausible count "
+                f"(at most {MAX_SHARD_SAMPLES})"
+            )
+        if nbytes is not None and (
+            not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0
+        ):
             raise ValueError(f"{where}: shards[{i}].bytes must be an integer >= 0")
         if name in seen:
             raise ValueError(f"{where}: shard {name!r} listed twice")
@@ -146,13 +197,23 @@ def _count(store, names: list[str]) -> list[ShardInfo]:
     )
     out = []
     for name in names:
-        with store.open_read(name) as f:
+        try:
+            f = store.open_read(name)
+        except FileNotFoundError:
+            raise ValueError(f"shard {store.url_for(name)} does not exist") from None
+        with f:
+            problem = None
             try:
-                n = count_records(f)
+                n = count_records(f, compressed=is_gzip_shard(name))
             except ShardReadError as exc:
-                log.warning("shard %s is broken (%s); counted what could be read", name, exc)
-                n = 0
-        out.append(ShardInfo(name, n))
+                # Its complete records stay usable; the break is counted as a bad sample by
+                # the readers (ShardInfo.problem), so the loss is never silent.
+                n = exc.records
+                problem = f"{'truncated_shard' if n else 'unreadable_shard'}: {exc}"
+                log.warning(
+                    "shard %s is broken after %d samples (%s); those samples are used", name, n, exc
+                )
+        out.append(ShardInfo(name, n, problem=problem))
     return out
 
 
@@ -168,7 +229,7 @@ def resolve_shards(url: str, options: StorageOptions | None = None) -> ShardSet:
         by_name: dict[str, ShardInfo] = {}
         classes = None
         if store.exists(INDEX_NAME):
-            indexed, classes = parse_index(store.read_bytes(INDEX_NAME), store.url_for(INDEX_NAME))
+            indexed, classes = parse_index(read_index(store, INDEX_NAME), store.url_for(INDEX_NAME))
             by_name = {s.name: s for s in indexed}
         missing = [n for n in names if n not in by_name]
         counted = {s.name: s for s in _count(store, missing)} if missing else {}
@@ -177,17 +238,60 @@ def resolve_shards(url: str, options: StorageOptions | None = None) -> ShardSet:
     if url.rstrip("/").endswith(".json"):
         root, index_name = _split_parent(url)
         store = open_store(root, options)
-        shards, classes = parse_index(store.read_bytes(index_name), url)
+        shards, classes = parse_index(read_index(store, index_name), url)
         if not shards:
             raise ValueError(f"{url}: index lists no shards")
         return ShardSet(store.url, tuple(shards), classes)
     store = open_store(url, options)
     if store.exists(INDEX_NAME):
-        shards, classes = parse_index(store.read_bytes(INDEX_NAME), store.url_for(INDEX_NAME))
+        shards, classes = parse_index(read_index(store, INDEX_NAME), store.url_for(INDEX_NAME))
         if not shards:
             raise ValueError(f"{store.url_for(INDEX_NAME)}: index lists no shards")
         return ShardSet(store.url, tuple(shards), classes)
-    names = sorted(o.key for o in store.list() if o.key.endswith(SHARD_SUFFIX))
+    names = sorted(o.key for o in store.list() if is_shard_name(o.key))
     if not names:
-        raise ValueError(f"no {SHARD_SUFFIX} shards and no {INDEX_NAME} under {url}")
+        raise ValueError(f"no {_SUFFIXES_TEXT} shards and no {INDEX_NAME} under {url}")
     return ShardSet(store.url, tuple(_count(store, [_check_name(n, url) for n in names])))
+
+
+def probe_shards(url: str, options: StorageOptions | None = None) -> str:
+    """Check, without reading any shard, that `url` names a shard set: its index parses, or
+    shards are listed / the pattern's first and last shards exist. Returns a short summary;
+    ValueError (what is wrong and how to name the data) or StorageError otherwise."""
+    _check_url(url)
+    named = "name the folder of the shards, its index.json, or a brace pattern"
+    make = "shards are made with `dino-cluster data pack SRC DEST`"
+    if "{" in url or "}" in url:
+        urls = expand_braces(url)
+        root, _ = _split_parent(url[: url.index("{")] + "x")
+        prefix = root.rstrip("/") + "/"
+        store = open_store(root, options)
+        for shard in {urls[0], urls[-1]}:
+            if not store.exists(_check_name(shard[len(prefix) :], url)):
+                raise ValueError(f"{url}: {shard} does not exist ({make})")
+        return f"{len(urls)} shards (pattern)"
+    if url.rstrip("/").endswith(".json"):
+        root, index_name = _split_parent(url)
+        store = open_store(root, options)
+        try:
+            data = read_index(store, index_name)
+        except FileNotFoundError:
+            raise ValueError(f"{url} does not exist ({make})") from None
+        shards, _ = parse_index(data, url)
+        if not shards:
+            raise ValueError(f"{url}: index lists no shards")
+        return f"{len(shards)} shards, {sum(s.samples for s in shards)} samples (index)"
+    store = open_store(url, options)
+    if store.exists(INDEX_NAME):
+        shards, _ = parse_index(read_index(store, INDEX_NAME), store.url_for(INDEX_NAME))
+        if not shards:
+            raise ValueError(f"{store.url_for(INDEX_NAME)}: index lists no shards")
+        return f"{len(shards)} shards, {sum(s.samples for s in shards)} samples (index)"
+    if any(is_shard_name(o.key) for o in store.list()):
+        return "shards without an index (their samples are counted at start)"
+    parent, name = _split_parent(url)
+    if name and open_store(parent, options).exists(name):
+        raise ValueError(f"{url} is a file, not a shard set: {named}")
+    raise ValueError(
+        f"no {_SUFFIXES_TEXT} shards and no {INDEX_NAME} under {url}: {named} ({make})"
+    )

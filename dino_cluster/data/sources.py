@@ -31,6 +31,7 @@ FASHION_MNIST_CLASSES = [
 ]
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _MAX_LIST_FILE_BYTES = 1 << 30
+_MAX_LABEL = (1 << 63) - 1  # labels become int64 tensors
 
 
 @dataclass
@@ -110,10 +111,13 @@ class ListFileSource(Source):
                 continue
             label = -1
             head, _, tail = line.rpartition(" ")
-            if head and tail.lstrip("-").isdigit():
+            # isascii: str.isdigit also takes "²" or "５", which int() then refuses or reads.
+            if head and tail.isascii() and tail.lstrip("-").isdigit():
                 line, label = head.strip(), int(tail)
-                if label < 0:
-                    raise ValueError(f"{list_path}:{lineno}: label must be >= 0, got {label}")
+                if not 0 <= label <= _MAX_LABEL:
+                    raise ValueError(
+                        f"{list_path}:{lineno}: label must be in [0, {_MAX_LABEL}], got {label}"
+                    )
             path = Path(line) if os.path.isabs(line) else base / line
             if not path.is_file():
                 missing.append(f"{list_path}:{lineno}: {line}")

@@ -5,18 +5,26 @@ the data position means. This module runs the main-process side: it plans the ep
 the workers (reader.py), regroups their chunks into per-rank batches of exactly
 `per_rank_batch`, keeps the data position in step with the batches it yields, and counts and
 logs bad samples (each distinct one once).
+
+Exact resume (position.py, progress.py): at an unchanged world size and number of data
+workers, a stream built from a saved position gives every worker the task it had at the last
+yielded batch, its random state included, and starts the loader's round-robin at the worker
+that was next: the batches continue bit-identical to a stream never stopped. Otherwise (the
+grid changed, a lone rank's position) the epoch's remaining shards are re-planned: nothing
+skipped, nothing read twice, and the workers' random streams restart from the seed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dino_cluster.data import worker_rng
 from dino_cluster.data.position import (
     DataPosition,
     WorkerTask,
@@ -25,6 +33,7 @@ from dino_cluster.data.position import (
     shard_order,
     stable_seed,
 )
+from dino_cluster.data.progress import WorkerProgress
 from dino_cluster.data.reader import ReadContext, Transform, run_worker
 from dino_cluster.data.shards import ShardSet, resolve_shards
 from dino_cluster.storage import StorageOptions
@@ -51,11 +60,27 @@ class _EpochDataset(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        return run_worker(self.ctx, self.tasks[info.id if info is not None else 0])
+        task = self.tasks[info.id if info is not None else 0]
+        if info is not None and task.rng is not None:
+            # After the DataLoader seeded this worker: an exact resume continues the
+            # generators where the stopped worker had them.
+            worker_rng.restore(task.rng)
+        # Without workers the transform draws from the trainer's own generators, which
+        # checkpoints store themselves: nothing to capture.
+        return run_worker(self.ctx, task, capture_rng=info is not None)
 
 
 def _identity(item):
     return item
+
+
+def _drop_head(crops, meta: dict, n: int):  # type: ignore[no-untyped-def]
+    """An item without its first n samples (an exact resume's re-made chunk)."""
+    rest = {k: meta[k][n:] for k in _SAMPLE_KEYS}
+    return (None if crops is None else [c[n:] for c in crops]), dict(meta, **rest)
+
+
+_SAMPLE_KEYS = ("shard", "pos", "key", "label", "repeat")
 
 
 class _Regrouper:
@@ -79,7 +104,7 @@ class _Regrouper:
             self.count -= self.size
             return first_crops, first_meta
         parts_c: list[list[torch.Tensor]] = []
-        parts_m: dict[str, list] = {k: [] for k in ("shard", "pos", "key", "label", "repeat")}
+        parts_m: dict[str, list] = {k: [] for k in _SAMPLE_KEYS}
         need = self.size
         while need:
             crops, meta = self.pieces[0]
@@ -144,6 +169,17 @@ class TrainStream:
         self._bad: dict[str, int] = {}
         self._bad_seen: set[str] = set()
         self.position = DataPosition()
+        # This epoch's exact-resume tasks and first worker (from a saved position or from the
+        # progress of an earlier pass in this process), and the progress of the current pass.
+        self._exact: tuple[list[WorkerTask], int] | None = None
+        self._progress: WorkerProgress | None = None
+        for info in shards.shards:
+            if info.problem is not None:
+                # Found broken while counting: a worker meeting its quota exactly at the last
+                # good record never sees the break. Counted once (rank 0; every rank's
+                # listing is the same) and remembered, so a read that reaches it adds nothing.
+                reason, _, detail = info.problem.partition(": ")
+                self._note_bad(info.name, reason, detail, 1 if rank == 0 else 0)
         if state is not None:
             self._load_state(state)
 
@@ -198,7 +234,7 @@ class TrainStream:
         should store. A single rank's position is also safe to resume from (it only knows
         fewer shards as done, so more is re-read), never skipping a shard.
         """
-        own = self.position.to_dict(
+        own = replace(self.position, workers=self._workers_state()).to_dict(
             seed=self.seed,
             global_batch=self.global_batch,
             shuffle_buffer=self.shuffle_buffer,
@@ -226,12 +262,13 @@ class TrainStream:
             )
         if epoch > self.position.epoch:
             self.position = DataPosition(epoch=epoch)
+            self._exact, self._progress = None, None
         return self._run_epoch()
 
     def worker_tasks(self, epoch: int) -> list[WorkerTask]:
         """What this rank's workers read in `epoch` from the current position (for logs/tests)."""
         if epoch == self.position.epoch:
-            return self._plan()
+            return self._tasks()[0]
         return self._plan(DataPosition(epoch=epoch))
 
     # -- internals ----------------------------------------------------------------------------
@@ -260,7 +297,58 @@ class TrainStream:
                 len(pos.in_flight),
             )
             pos.in_flight = {}
+            pos.workers = None
         self.position = pos
+        exact = pos.rank_tasks(
+            rank=self.rank, world_size=self.world_size, num_workers=self.num_workers
+        )
+        if exact is not None and self._exact_fits(*exact):
+            self._exact = exact
+        elif pos.batches_done and pos.workers is not None:
+            log.info(
+                "data workers resume from the data position with fresh random streams "
+                "(the world size or data.num_workers differs from the saved run's)"
+            )
+        pos.workers = None
+
+    def _exact_fits(self, tasks: list[WorkerTask], phase: int) -> bool:
+        """Saved exact-resume tasks that this stream can run as they are."""
+        remaining = max(0, self.iters_per_epoch - self.position.batches_done)
+        names = {n for t in tasks for n, _ in t.own} | {n for t in tasks for n in t.repeat_pool}
+        why = ""
+        if names - set(self._samples):
+            why = f"unknown shards {sorted(names - set(self._samples))[:3]}"
+        elif sum(t.quota - t.drop for t in tasks) != remaining * self.per_rank_batch:
+            why = "its worker quotas do not add up to the batches left"
+        elif self.num_workers == 0 and any(t.rng is not None or t.drop for t in tasks):
+            # In-process, re-making a chunk would draw from the trainer's generators again.
+            why = "it was saved with data workers"
+        elif any(t.rng is not None and not worker_rng.fits_this_torch(t.rng) for t in tasks):
+            why = "its random states come from another torch build"
+        if why:
+            log.warning("not resuming the data workers' exact state: %s; re-planning", why)
+        return not why
+
+    def _workers_state(self) -> dict | None:
+        """This rank's part of the position's exact-resume tasks, or None."""
+        exact = self._exact
+        if self._progress is not None:
+            exact = self._progress.snapshot(with_rng=self.num_workers > 0)
+        if exact is None:
+            return None
+        tasks, phase = exact
+        entry = {"phase": phase, "tasks": [t.to_dict() for t in tasks]}
+        return {"world_size": self.world_size, "num_workers": self.num_workers,
+                "ranks": {str(self.rank): entry}}  # fmt: skip
+
+    def _tasks(self) -> tuple[list[WorkerTask], int, bool]:
+        """(tasks, first worker, exact?) for the rest of the current epoch."""
+        if self._progress is not None:  # an earlier pass of this epoch in this process
+            self._exact = self._progress.snapshot(with_rng=self.num_workers > 0)
+            self._progress = None
+        if self._exact is not None:
+            return self._exact[0], self._exact[1], True
+        return self._plan(), 0, False
 
     def _plan(self, pos: DataPosition | None = None) -> list[WorkerTask]:
         pos = pos or self.position
@@ -278,10 +366,14 @@ class TrainStream:
 
     def _absorb(self, meta: dict) -> None:
         for sample_id, reason, detail, count in meta["bad"]:
-            if sample_id in self._bad_seen:
-                continue
-            if len(self._bad_seen) < _MAX_REMEMBERED_BAD:
-                self._bad_seen.add(sample_id)
+            self._note_bad(sample_id, reason, detail, count)
+
+    def _note_bad(self, sample_id: str, reason: str, detail: str, count: int) -> None:
+        if sample_id in self._bad_seen:
+            return
+        if len(self._bad_seen) < _MAX_REMEMBERED_BAD:
+            self._bad_seen.add(sample_id)
+        if count:
             self._bad[reason] = self._bad.get(reason, 0) + count
             log.warning("skipped bad sample %s: %s (%s)", sample_id, reason, detail)
 
@@ -301,27 +393,23 @@ class TrainStream:
             max_pixels=self.max_image_pixels,
             chunk_size=self.per_rank_batch,
         )
-        dataset = _EpochDataset(ctx, self._plan())
-        if self.num_workers == 0:
-            source = iter(dataset)
-        else:
-            gen = torch.Generator()
-            gen.manual_seed(stable_seed("loader", self.seed, pos.epoch, self.rank) % (1 << 62))
-            loader = DataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=self.num_workers,
-                collate_fn=_identity,
-                generator=gen,
-                pin_memory=self.pin_memory,
-            )
-            source = iter(loader)
+        tasks, phase, exact = self._tasks()
+        progress = WorkerProgress(
+            tasks, first_index=self.rank * max(1, self.num_workers), phase=phase, resumed=exact
+        )
+        self._progress = progress
+        # The loader's worker j runs task phase + j: its round-robin then starts with the task
+        # whose item came next (and DataLoader seeds, overwritten when exact, stay per id).
+        source = self._source(_EpochDataset(ctx, tasks[phase:] + tasks[:phase]), pos.epoch)
         regroup = _Regrouper(self.per_rank_batch)
         outstanding: dict[str, int] = {}  # own samples received, not yet yielded, per shard
         finished: set[str] = set()  # shards a worker read to the end, not yet all yielded
         yielded = 0
         try:
             for crops, meta in source:
+                drop = progress.receive(meta)
+                if drop:
+                    crops, meta = _drop_head(crops, meta, drop)
                 self._absorb(meta)
                 for shard, repeat in zip(meta["shard"], meta["repeat"], strict=True):
                     if not repeat:
@@ -342,6 +430,7 @@ class TrainStream:
                     self._settle(finished, outstanding)
                     pos.batches_done += 1
                     yielded += 1
+                    progress.yielded(len(bmeta["key"]))
                     yield Batch(
                         batch_crops,
                         [f"{s}/{k}" for s, k in zip(bmeta["shard"], bmeta["key"], strict=True)],
@@ -357,6 +446,21 @@ class TrainStream:
             raise RuntimeError(
                 f"rank {self.rank} produced {yielded} of {remaining} batches in epoch {pos.epoch}"
             )
+
+    def _source(self, dataset: _EpochDataset, epoch: int) -> Iterator:
+        if self.num_workers == 0:
+            return iter(dataset)
+        gen = torch.Generator()
+        gen.manual_seed(stable_seed("loader", self.seed, epoch, self.rank) % (1 << 62))
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            generator=gen,
+            pin_memory=self.pin_memory,
+        )
+        return iter(loader)
 
     def _settle(self, finished: set[str], outstanding: dict[str, int]) -> None:
         pos = self.position
