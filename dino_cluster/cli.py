@@ -5,20 +5,32 @@
     dino-cluster validate SPEC [--set ...]
     dino-cluster status RUN | logs RUN [--follow] [--rank N] | cancel RUN
     dino-cluster checkpoints RUN
-    dino-cluster data pack SRC DEST
+    dino-cluster data pack SRC DEST | data inspect URL
+    dino-cluster eval knn|linear|watch ...
+    dino-cluster visualize attention|neighbours CKPT ... -o DIR
+    dino-cluster plot RUN -o FILE.png
 
-Exit status: 0 success, 1 the job failed, 2 bad input (nothing was submitted).
+Exit status: 0 success, 1 the run failed (or an unexpected error), 2 bad input: a mistake
+named in one line, nothing created, spawned or submitted. `status` exits 0 for a running,
+pending or completed run, 1 failed, 3 stopped or cancelled, 4 unknown. `--debug` (or
+DINO_DEBUG=1) shows the traceback of an unexpected error.
+
+Starting the command imports no torch, Ray or boto3: a command imports what it needs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from dino_cluster import __version__
 from dino_cluster.launch.base import BACKENDS, LaunchError, get_backend, run_backend
 from dino_cluster.launch.run_record import resolve_run_dir
 from dino_cluster.spec import JobSpec, SpecError, load_spec
@@ -29,8 +41,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+console = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
+
+DEBUG_ENV = "DINO_DEBUG"
+# `status` exit codes: scripts can wait on a run with `until ! dino-cluster status RUN ...`.
+STATUS_CODES = {"failed": 1, "stopped": 3, "cancelled": 3, "unknown": 4}
 
 SetOpt = Annotated[
     list[str] | None,
@@ -41,14 +57,40 @@ BackendOpt = Annotated[
     typer.Option(
         "--backend",
         "-b",
-        help=f"Launcher backend: {', '.join(BACKENDS)}. Default: the spec's launcher.backend.",
+        help=f"Launcher backend: {', '.join(BACKENDS)}. Default: the spec's launcher.backend "
+        "(ray when --address is given).",
     ),
 ]
+RunArg = Annotated[str, typer.Argument(help="Run folder, run name under ./runs, or job spec.")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # The message is text from users and stores ("[/x]" in a key): never rich markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dino-cluster {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help=f"Show tracebacks of unexpected errors (or {DEBUG_ENV}=1)."),
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
 
 def _load(spec_path: Path, overrides: list[str] | None, backend: str | None) -> JobSpec:
@@ -70,6 +112,21 @@ def _run_dir(run: str) -> Path:
         raise _fail(str(exc)) from None
 
 
+def _address_items(address: str | None, backend: str | None) -> tuple[list[str], str | None]:
+    """--address is a Ray cluster: it selects the ray backend unless another is named, and
+    then it is a mistake rather than something to ignore."""
+    if address is None:
+        return [], backend
+    if backend is None:
+        backend = "ray"
+    elif backend != "ray":
+        raise _fail(
+            f"--address {address} is a Ray cluster address; it does not apply to --backend "
+            f"{backend} (drop one of them)"
+        )
+    return [f"launcher.ray.address={address}"], backend
+
+
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(help="Job spec YAML, e.g. jobs/quickstart.yaml.")],
@@ -89,14 +146,18 @@ def submit(
         typer.Option(
             "--address",
             help="Ray cluster: http(s)://HEAD:8265 (Jobs API) or HOST:PORT / auto (driver "
-            "here); sets launcher.ray.address.",
+            "here); selects the ray backend and sets launcher.ray.address.",
         ),
     ] = None,
 ) -> None:
-    """Validate SPEC and launch the training run it describes."""
-    items = list(set_ or []) + ([f"launcher.ray.address={address}"] if address else [])
-    job = _load(spec, items, backend)
+    """Check SPEC and what it needs (data, checkpoint location, credentials, the backend),
+    then launch the training run it describes."""
+    from dino_cluster.launch.preflight import check_submit
+
+    items, backend = _address_items(address, backend)
+    job = _load(spec, list(set_ or []) + items, backend)
     try:
+        check_submit(job, job.launcher.backend, dry_run=dry_run)
         be = get_backend(job.launcher.backend)
         result = be.submit(job, detach=detach, dry_run=dry_run)
     except (LaunchError, ValueError) as exc:
@@ -112,6 +173,8 @@ def submit(
     if detach:
         console.print(f"follow with: dino-cluster logs {result.run_dir} --follow")
     if result.status == "failed":
+        if result.message:
+            err.print(result.message, markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -145,21 +208,30 @@ def validate(
 
 
 @app.command()
-def status(run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")]) -> None:
-    """Show whether a run is running, completed, stopped or failed."""
+def status(run: RunArg) -> None:
+    """Show whether a run is running, completed, stopped or failed, with its progress.
+
+    Exit status: 0 running, pending or completed; 1 failed; 3 stopped or cancelled;
+    4 unknown (the scheduler no longer knows the job).
+    """
     from dino_cluster.metrics.summary import render_summary, summarize_run
 
     run_dir = _run_dir(run)
     try:
-        console.print(run_backend(run_dir).status(run_dir))
+        backend = run_backend(run_dir)
+        state = backend.status(run_dir)
     except LaunchError as exc:
         raise _fail(str(exc)) from None
-    typer.echo(render_summary(summarize_run(run_dir)))
+    console.print(state)
+    if state == "failed" and (why := backend.failure(run_dir)):
+        typer.echo(f"why: {why}")
+    typer.echo(render_summary(summarize_run(run_dir), running=state == "running"))
+    raise typer.Exit(STATUS_CODES.get(state, 0))
 
 
 @app.command()
 def logs(
-    run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")],
+    run: RunArg,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
@@ -176,7 +248,7 @@ def logs(
 
 
 @app.command()
-def cancel(run: Annotated[str, typer.Argument(help="Run folder, run name or job spec.")]) -> None:
+def cancel(run: RunArg) -> None:
     """Stop a run; its ranks write a checkpoint first."""
     run_dir = _run_dir(run)
     try:
@@ -197,10 +269,10 @@ def checkpoints(
 ) -> None:
     """List a run's committed checkpoints (step, time, size, evaluation results)."""
     from dino_cluster.checkpointing import CheckpointManager, render_table
-    from dino_cluster.storage import StorageOptions
+    from dino_cluster.storage import StorageError, StorageOptions
 
     if "://" in run:
-        url, options = run, None
+        url, options = run, StorageOptions()
     else:
         run_dir = _run_dir(run)
         resolved = run_dir / "spec.resolved.yaml"
@@ -212,9 +284,12 @@ def checkpoints(
             raise _fail(str(exc)) from None
         url, options = job.checkpoint_url, StorageOptions.from_spec(job.data.storage)
     try:
-        infos = CheckpointManager(url, storage_options=options, is_writer=False).list()
+        manager = CheckpointManager(url, storage_options=options.interactive(), is_writer=False)
+        infos = manager.list()
+    except StorageError as exc:
+        raise _fail(f"{url}: {exc.reason}") from None
     except (ValueError, OSError) as exc:
-        raise _fail(f"{url}: {exc}", code=1) from None
+        raise _fail(f"{url}: {exc}") from None
     if not infos:
         console.print(f"{url}: no committed checkpoint")
         return
@@ -224,17 +299,41 @@ def checkpoints(
 def _mount_subcommands() -> None:
     from dino_cluster.data.cli import app as data_app
     from dino_cluster.evaluate.cli import app as eval_app
+    from dino_cluster.visualize.cli import app as visualize_app
+    from dino_cluster.visualize.cli import plot_command
 
     app.add_typer(data_app, name="data", help="Pack images into WebDataset shards; inspect them.")
     app.add_typer(eval_app, name="eval", help="Evaluate checkpoints (k-NN, linear); watch a run.")
+    app.add_typer(
+        visualize_app, name="visualize", help="Attention maps and nearest-neighbour grids (PNG)."
+    )
+    app.command("plot")(plot_command)
 
 
 _mount_subcommands()
 
 
 def main() -> None:
+    """Entry point: every failure the commands do not explain is still one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app()
+    for noisy in ("botocore", "boto3", "urllib3"):  # "found credentials in ..." is not news
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = " ".join(str(exc).split())
+        err.print(
+            f"error: {type(exc).__name__}: {text} (run with --debug or {DEBUG_ENV}=1 for the "
+            "traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,53 @@ def test_light_entry_points_import_no_heavy_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def _imported(args: list[str], cwd: Path) -> set[str]:
+    """Top-level packages a `dino-cluster ARGS` run imported (python -X importtime)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "dino_cluster.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+    names = set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+def test_read_only_commands_import_no_torch_ray_or_boto3(tmp_path: Path) -> None:
+    from dino_cluster.launch.run_record import LocalRecord, write_record
+    from dino_cluster.spec import load_spec, write_resolved
+
+    repo = PKG.parent
+    spec = load_spec(repo / "jobs" / "quickstart.yaml", [f"run.dir={tmp_path}", "run.name=r"])
+    write_resolved(spec, spec.run_dir)
+    (spec.run_dir / "logs").mkdir()
+    (spec.run_dir / "logs" / "rank-0.log").write_text("step 1\n")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    write_record(spec.run_dir, LocalRecord(pid=int(ended.stdout), world_size=1))
+    run = str(spec.run_dir)
+    commands = [
+        ["--help"],
+        ["--version"],
+        ["validate", "jobs/vitb8.yaml"],
+        ["render", "jobs/vitb8.yaml", "--backend", "slurm"],
+        ["render", "jobs/vitb8.yaml", "--backend", "kuberay"],
+        ["render", "jobs/vitb8.yaml", "--backend", "ray"],
+        ["submit", "jobs/quickstart.yaml", "--dry-run"],
+        ["submit", "jobs/vitb8.yaml", "--backend", "slurm", "--dry-run"],
+        ["status", run],
+        ["logs", run],
+        ["cancel", run],
+        ["checkpoints", run],
+        ["plot", "--help"],
+        ["visualize", "--help"],
+    ]
+    for args in commands:
+        heavy = _imported(args, repo) & {"torch", "ray", "boto3", "botocore", "timm"}
+        assert heavy == set(), f"dino-cluster {' '.join(args)} imported {sorted(heavy)}"

@@ -42,6 +42,7 @@ def test_quickstart_without_its_shards_is_refused_before_anything_is_written(
 
     cmd = [sys.executable, "-m", "dino_cluster.cli", "submit", str(QUICKSTART)]
     cmd += ["--set", f"run.dir={tmp_path / 'runs'}", "--set", f"data.url={fmnist_shards}"]
+    cmd += ["--set", f"evaluation.train_url={fmnist_shards}"]  # the bank: the training shards
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "evaluation.val_url: data/fmnist-test/index.json does not exist" in proc.stderr

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from dino_cluster.checkpointing.layout import (
-    OBJECT_SUFFIX,
     CheckpointNotFoundError,
     Manifest,
     step_dir,
@@ -79,7 +78,7 @@ def export_teacher(
     """Write ``{"teacher": ..., "student": ..., "step": step}`` for committed ``step``."""
     names = manager.read_manifest(step).objects
     keys = ["teacher"]
-    if include_student and any(o.name == "student" + OBJECT_SUFFIX for o in names):
+    if include_student and any(o.state_key == "student" for o in names):
         keys.append("student")
     loaded = manager.load(step, keys=keys, fallback=False)
     if loaded is None:  # load(step) raises instead; kept for type checkers

@@ -1,6 +1,7 @@
 """Where a checkpoint's objects live and what its manifest says.
 
-    <root>/step-000000123/<key>.pt ...     one torch.save per top-level state key
+    <root>/step-000000123/<key>.pt ...     one torch.save per top-level state key (a step
+                                           committed again with other content: <key>.<gen>.pt)
     <root>/step-000000123/manifest.json    written LAST: every object's name, size, sha256
     <root>/step-000000123/evals/<kind>.json  evaluation results recorded later (not in manifest)
     <root>/latest                          text: step; a hint written after the manifest
@@ -24,6 +25,7 @@ LATEST = "latest"
 EVALS_DIR = "evals"
 OBJECT_SUFFIX = ".pt"
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a handful of objects; more is not ours
+_META_STRING_LIMIT = 256  # long strings (a whole resolved spec) stay in meta.pt, not the manifest
 
 _STEP_DIR_RE = re.compile(r"^step-(\d{9,})$")
 # State keys become object names, eval kinds become file names: keep both boring.
@@ -83,9 +85,18 @@ def eval_key(step: int, kind: str) -> str:
 
 @dataclass(frozen=True)
 class ManifestObject:
-    name: str  # relative to the step folder, e.g. "teacher.pt"
+    name: str  # relative to the step folder, e.g. "teacher.pt" (a re-commit: "teacher.r1a2.pt")
     size: int
     sha256: str
+    key: str = ""  # the state key it holds; "" = the name without ".pt" (older manifests)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.name.removesuffix(OBJECT_SUFFIX))
+
+    @property
+    def state_key(self) -> str:
+        return self.key
 
 
 @dataclass
@@ -107,7 +118,10 @@ class Manifest:
             "time": self.time,
             "world_size": self.world_size,
             "meta": self.meta,
-            "objects": [{"name": o.name, "size": o.size, "sha256": o.sha256} for o in self.objects],
+            "objects": [
+                {"name": o.name, "size": o.size, "sha256": o.sha256, "key": o.state_key}
+                for o in self.objects
+            ],
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
@@ -141,17 +155,22 @@ class Manifest:
             if not isinstance(item, dict):
                 raise ManifestError("manifest object entry is not an object")
             name, size, sha = item.get("name"), item.get("size"), item.get("sha256")
+            key = item.get("key", "")
             try:
                 check_name(name, "manifest object name")
+                if key:
+                    check_name(key, "manifest object key")
             except ValueError as exc:
                 raise ManifestError(str(exc)) from None
             if not _is_int(size) or size < 0:
                 raise ManifestError(f"manifest size {size!r} of {name} is not a non-negative int")
             if not isinstance(sha, str) or not _SHA_RE.match(sha):
                 raise ManifestError(f"manifest sha256 of {name} is not 64 hex digits")
-            objects.append(ManifestObject(name=name, size=size, sha256=sha))
+            objects.append(ManifestObject(name=name, size=size, sha256=sha, key=key))
         if len({o.name for o in objects}) != len(objects):
             raise ManifestError("manifest lists an object twice")
+        if len({o.state_key for o in objects}) != len(objects):
+            raise ManifestError("manifest lists a state key twice")
         return cls(step=step, time=float(when), objects=objects, world_size=world, meta=dict(meta))
 
 
@@ -204,3 +223,26 @@ class CheckpointInfo:
     objects: list[str]
     world_size: int | None
     evals: dict[str, dict] = field(default_factory=dict)  # kind -> results
+
+
+def json_scalar(value: Any) -> Any:
+    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
+        return value.item()
+    if hasattr(value, "item") and not hasattr(value, "numel"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def manifest_meta(meta: Any) -> dict[str, Any]:
+    """The small JSON scalars of state['meta'] (step, epoch, world_size, ...) for listings."""
+    if not isinstance(meta, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, bool | int | float) or value is None:
+            out[key] = value
+        elif isinstance(value, str) and len(value) <= _META_STRING_LIMIT:
+            out[key] = value
+    return out

@@ -33,18 +33,20 @@ from dino_cluster.checkpointing.layout import (
     CheckpointError,
     CheckpointInfo,
     CheckpointNotFoundError,
-    HashingWriter,
     Manifest,
     ManifestError,
     ManifestObject,
     check_name,
     eval_key,
     file_sha256,
+    json_scalar,
     manifest_key,
+    manifest_meta,
     object_key,
     parse_step_dir,
     step_dir,
 )
+from dino_cluster.checkpointing.objects import refuse_non_finite, serialise, torch_load
 from dino_cluster.checkpointing.retention import plan_retention
 from dino_cluster.storage import ObjectStore, StorageOptions, backoff_delay, open_store
 
@@ -57,7 +59,6 @@ T = TypeVar("T")
 MAX_EVAL_BYTES = 1 << 20
 # A temporary untouched this long belongs to a dead writer (a live upload writes continuously).
 STALE_TEMP_S = 3600
-_META_STRING_LIMIT = 256  # long strings (a whole resolved spec) stay in meta.pt, not the manifest
 
 # Managers with an upload in flight when the interpreter exits get a bounded wait.
 _LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
@@ -177,7 +178,7 @@ class CheckpointManager:
 
             self._snapshot = HostSnapshot(reuse_buffers=self._reuse_buffers)
         host_state = self._snapshot.copy(state)
-        meta = _manifest_meta(state.get("meta"))
+        meta = manifest_meta(state.get("meta"))
         committed = threading.Event()
         self._thread = threading.Thread(
             target=self._background,
@@ -243,38 +244,24 @@ class CheckpointManager:
             log.warning("checkpoint retention after step %d failed: %s", step, exc)
 
     def _commit(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
-        # Re-committing a step (e.g. after resuming from an older one) must never leave the
-        # old manifest describing new, half-written objects: hide the step first.
-        self._retry(f"hide {manifest_key(step)}", lambda: self.store.delete(manifest_key(step)))
-        # Evaluation results beside the step describe the checkpoint being replaced (the eval
-        # queue keys its records by manifest time, so the new one is evaluated afresh).
-        evals = f"{step_dir(step)}/{EVALS_DIR}/"
-        self._retry(f"drop {evals}", lambda: self.store.delete_prefix(evals))
-        objects: list[ManifestObject] = []
-        with (
-            tempfile.TemporaryDirectory(prefix="dino-ckpt-", dir=self.spool_dir) as spool,
-            ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload") as uploader,
-        ):
-            # Object i uploads while object i+1 is serialised: the commit then costs about the
-            # upload time alone. At most one upload runs and two objects sit in the spool.
-            pending: Future[None] | None = None
-            for key, value in state.items():
-                name = key + OBJECT_SUFFIX
-                path = os.path.join(spool, name)
-                with open(path, "wb") as f:
-                    writer = HashingWriter(f)
-                    _torch_save(value, writer)
-                    writer.flush()
-                obj = ManifestObject(name=name, size=writer.size, sha256=writer.hexdigest())
-                if pending is not None:
-                    pending.result()  # a failed upload aborts the commit here
-                if self.pipeline:
-                    pending = uploader.submit(self._upload_object, step, obj, path)
-                else:
-                    self._upload_object(step, obj, path)
-                objects.append(obj)
-            if pending is not None:
-                pending.result()
+        """Write the objects, then the manifest, which makes the checkpoint exist.
+
+        A step that is already committed (a resumed run saving it again, a re-submitted
+        run) is never hidden or deleted first: identical content is kept as it is, other
+        content is written beside it under new object names and the manifest is replaced in
+        one put (the switch); only then are the old objects deleted. A kill at any moment
+        leaves either the old checkpoint or the new one, whole.
+        """
+        refuse_non_finite(step, state)
+        existing = self._existing_manifest(step)
+        with tempfile.TemporaryDirectory(prefix="dino-ckpt-", dir=self.spool_dir) as spool:
+            if existing is None:
+                objects = self._write_objects(step, state, spool)
+            else:
+                objects = self._write_beside(step, state, spool, existing)
+                if objects is None:
+                    log.info("checkpoint step %d: identical to the committed one, kept", step)
+                    return
         world = meta.get("world_size")
         manifest = Manifest(
             step=step,
@@ -285,11 +272,76 @@ class CheckpointManager:
         )
         data = manifest.to_json()
         self._retry("write manifest", lambda: self.store.write_bytes(manifest_key(step), data))
+        if existing is not None:
+            kept = {o.name for o in objects}
+            for old in existing.objects:
+                if old.name not in kept:
+                    self._retry(
+                        f"delete replaced {old.name}",
+                        lambda o=old: self.store.delete(object_key(step, o.name)),
+                    )
         try:  # a hint only: readers derive `latest` from manifests
             self.store.write_bytes(LATEST, str(step).encode())
         except Exception as exc:  # noqa: BLE001
             log.warning("could not update %s (the manifest is committed): %s", LATEST, exc)
         log.info("checkpoint step %d committed (%d bytes)", step, manifest.size)
+
+    def _existing_manifest(self, step: int) -> Manifest | None:
+        """The committed manifest of `step`, or None (none, or not a valid manifest)."""
+        try:
+            return self._read_manifest(step)
+        except (FileNotFoundError, ManifestError):
+            return None
+
+    def _write_objects(
+        self, step: int, state: dict[str, Any], spool: str, tag: str = ""
+    ) -> list[ManifestObject]:
+        """Serialise and upload every state key as `<key>[.<tag>].pt`: object i uploads while
+        object i+1 is serialised, so a commit costs about the upload time alone (at most one
+        upload runs and two objects sit in the spool)."""
+        objects: list[ManifestObject] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload") as uploader:
+            pending: Future[None] | None = None
+            for key, value in state.items():
+                obj, path = serialise(key, value, spool, tag)
+                if pending is not None:
+                    pending.result()  # a failed upload aborts the commit here
+                if self.pipeline:
+                    pending = uploader.submit(self._upload_object, step, obj, path)
+                else:
+                    self._upload_object(step, obj, path)
+                objects.append(obj)
+            if pending is not None:
+                pending.result()
+        return objects
+
+    def _write_beside(
+        self, step: int, state: dict[str, Any], spool: str, existing: Manifest
+    ) -> list[ManifestObject] | None:
+        """Re-commit of a committed step: None when the content is identical; otherwise the
+        new objects, uploaded under fresh names next to the committed ones."""
+        serialised = [serialise(key, value, spool, "") for key, value in state.items()]
+        same = {o.state_key: o.sha256 for o in existing.objects} == {
+            obj.state_key: obj.sha256 for obj, _ in serialised
+        }
+        if same:
+            return None
+        # The evaluations beside the step describe the checkpoint being replaced; dropped
+        # before the switch (a kill in between loses a result record, never weights; the
+        # eval queue keys its records by manifest time, so the new one is evaluated afresh).
+        evals = f"{step_dir(step)}/{EVALS_DIR}/"
+        self._retry(f"drop {evals}", lambda: self.store.delete_prefix(evals))
+        tag = f"r{time.time_ns():x}"
+        taken = {o.name for o in existing.objects}
+        objects = []
+        for obj, path in serialised:
+            name = f"{obj.state_key}.{tag}{OBJECT_SUFFIX}"
+            if name in taken:  # pragma: no cover - a nanosecond tag seen twice
+                raise CheckpointError(f"object name {name} of step {step} already in use")
+            new = ManifestObject(name=name, size=obj.size, sha256=obj.sha256, key=obj.state_key)
+            self._upload_object(step, new, path)
+            objects.append(new)
+        return objects
 
     def _upload_object(self, step: int, obj: ManifestObject, path: str) -> None:
         key = object_key(step, obj.name)
@@ -438,6 +490,10 @@ class CheckpointManager:
                     out.setdefault(step, {})[file[: -len(".json")]] = doc["results"]
         return out
 
+    def uncommitted_steps(self) -> list[int]:
+        """Step folders holding objects but no valid manifest (writes a kill interrupted)."""
+        return sorted(self._scan()[1])
+
     def latest_step(self) -> int | None:
         """Newest committed step, derived from manifests (never from the `latest` hint)."""
         committed, _ = self._scan()
@@ -495,27 +551,28 @@ class CheckpointManager:
     def _load_one(
         self, step: int, manifest: Manifest, keys: Iterable[str] | None, map_location: Any
     ) -> dict[str, Any]:
-        names = [o.name for o in manifest.objects]
+        by_key = {o.state_key: o.name for o in manifest.objects}
+        names = list(by_key.values())
         if keys is not None:
-            wanted = [k + OBJECT_SUFFIX for k in keys]
-            missing = [n for n in wanted if n not in names]
+            missing = [k for k in keys if k not in by_key]
             if missing:
                 raise CheckpointNotFoundError(
-                    f"checkpoint step {step} has no {', '.join(missing)} (has {', '.join(names)})"
+                    f"checkpoint step {step} has no {', '.join(missing)} (has {', '.join(by_key)})"
                 )
-            names = wanted
+            names = [by_key[k] for k in keys]
+        key_of = {name: key for key, name in by_key.items()}
         with tempfile.TemporaryDirectory(prefix="dino-ckpt-", dir=self.spool_dir) as tmp:
             paths = self._fetch_verified(step, manifest, names, tmp)
             state: dict[str, Any] = {}
             for name, path in paths.items():
                 try:
-                    state[name[: -len(OBJECT_SUFFIX)]] = _torch_load(
-                        path, map_location=map_location, weights_only=True
-                    )
+                    value = torch_load(path, map_location=map_location, weights_only=True)
                 except Exception as exc:  # noqa: BLE001 - checksum matched, content did not load
                     raise CheckpointCorruptError(
                         f"{name} of step {step} does not load with weights_only=True: {exc}"
                     ) from exc
+                state[key_of[name]] = value
+        refuse_non_finite(step, state, error=CheckpointCorruptError)
         return state
 
     def _fetch_verified(
@@ -549,7 +606,7 @@ class CheckpointManager:
         if not isinstance(results, dict):
             raise ValueError("eval results must be a dict")
         doc = {"step": step, "kind": kind, "time": time.time(), "results": results}
-        data = json.dumps(doc, default=_json_scalar, sort_keys=True).encode()
+        data = json.dumps(doc, default=json_scalar, sort_keys=True).encode()
         if len(data) > MAX_EVAL_BYTES:
             raise ValueError(f"eval results are {len(data)} bytes (limit {MAX_EVAL_BYTES})")
         self._retry(
@@ -561,38 +618,3 @@ class CheckpointManager:
         from dino_cluster.checkpointing.export import export_teacher
 
         return export_teacher(self, step, dest_url)
-
-
-def _torch_save(value: Any, f: Any) -> None:
-    import torch
-
-    torch.save(value, f)
-
-
-def _torch_load(path: str, **kwargs: Any) -> Any:
-    import torch
-
-    return torch.load(path, **kwargs)
-
-
-def _json_scalar(value: Any) -> Any:
-    if hasattr(value, "numel") and value.numel() == 1:  # a one-element tensor
-        return value.item()
-    if hasattr(value, "item") and not hasattr(value, "numel"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _manifest_meta(meta: Any) -> dict[str, Any]:
-    """The small JSON scalars of state['meta'] (step, epoch, world_size, ...) for listings."""
-    if not isinstance(meta, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in meta.items():
-        if not isinstance(key, str):
-            continue
-        if isinstance(value, bool | int | float) or value is None:
-            out[key] = value
-        elif isinstance(value, str) and len(value) <= _META_STRING_LIMIT:
-            out[key] = value
-    return out

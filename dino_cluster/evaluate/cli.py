@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     help="k-NN / linear evaluation of checkpoints, and the watcher that queues them.",
@@ -26,15 +27,16 @@ app = typer.Typer(
 if TYPE_CHECKING:
     from dino_cluster.spec import JobSpec
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+console = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 CheckpointOpt = Annotated[
     str | None,
     typer.Option(
         "--checkpoint",
         "-c",
-        help="Checkpoint root (s3://... or folder), a step folder, or an exported teacher .pth.",
+        help="A run folder, its checkpoint root (s3://... or folder), one step folder, or an "
+        "exported teacher .pth.",
     ),
 ]
 SpecOpt = Annotated[
@@ -216,7 +218,7 @@ def watch(
             poll=poll,
         )
     except (SpecError, ValueError, LaunchError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(f"watching {run_dir}: evaluations run on the {name} backend", soft_wrap=True)
     started = time.time()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,7 +54,12 @@ def build_eval_backbone(spec: JobSpec) -> nn.Module:
         if v is not None
     }
     backbone = build_backbone(
-        m.arch, patch_size=m.patch_size, drop_path_rate=0.0, img_size=m.img_size, **shape
+        m.arch,
+        patch_size=m.patch_size,
+        drop_path_rate=0.0,
+        img_size=m.img_size,
+        pos_embed_interpolation=m.pos_embed_interpolation,
+        **shape,
     )
     return freeze(backbone)
 
@@ -87,14 +93,18 @@ def backbone_state(model_state: Mapping[str, Any], what: str = "teacher") -> dic
 
 
 def load_backbone_weights(backbone: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """Load a backbone state strictly: a spec that does not match the checkpoint is an error."""
-    try:
-        backbone.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
+    """Load a backbone state strictly: a spec that does not match the checkpoint is an error
+    naming the first differing key (the spec's model section must be the run's)."""
+    from dino_cluster.checkpointing.objects import state_mismatch
+
+    found = state_mismatch(backbone, dict(state), "the checkpoint's backbone")
+    if found:
         raise EvalError(
-            "the checkpoint's backbone does not match the spec's model section "
-            f"(arch/depth/embed_dim/patch_size): {str(exc).splitlines()[0]}"
-        ) from None
+            f"{found[1]}: the spec's model section (arch, depth, embed_dim, num_heads, "
+            "patch_size, img_size) must be the training run's; pass the run's "
+            "spec.resolved.yaml as --spec"
+        )
+    backbone.load_state_dict(dict(state), strict=True)
     return freeze(backbone)
 
 
@@ -158,14 +168,40 @@ def extract(
     device: torch.device,
     *,
     normalize: bool,
+    what: str = "features",
 ) -> Iterable[tuple[Tensor, Tensor]]:
-    """(features, labels) per batch, on `device`; L2-normalised when `normalize`."""
+    """(features, labels) per batch, on `device`; L2-normalised when `normalize`. Logs its
+    progress (images, rate, time to go from the reader's `expected` count) every ~10 s."""
     features.eval().to(device)
+    progress = _Progress(getattr(batches, "expected", None), what)
     for batch in batches:
         out = features(batch.images.to(device, non_blocking=True)).float()
         if normalize:
             out = nn.functional.normalize(out, dim=1, p=2)
+        progress.add(len(batch.labels))
         yield out, batch.labels.to(device)
+
+
+class _Progress:
+    """A log line every `every_s` seconds: how far, how fast, how long to go."""
+
+    def __init__(self, total: int | None, what: str, every_s: float = 10.0) -> None:
+        self.total, self.what, self.every_s = total, what, every_s
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        left = ""
+        if self.total and rate > 0:
+            left = f", about {max(self.total - self.done, 0) / rate:.0f} s to go"
+        log.info("%s: %d%s images, %.1f images/s%s", self.what, self.done, of, rate, left)
 
 
 def collect(pairs: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

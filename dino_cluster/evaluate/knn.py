@@ -216,11 +216,13 @@ def run_knn(
     from dino_cluster.evaluate.features import collect, extract
 
     started = time.perf_counter()
-    val_f, val_y = collect(extract(features, val_reader, device, normalize=True))
+    val_f, val_y = collect(
+        extract(features, val_reader, device, normalize=True, what="k-NN query features")
+    )
     val_f = gather_rows(val_f.to(device), dim=feature_dim)
     val_y = gather_rows(val_y.to(device))
     if val_f.shape[0] == 0:
         raise ValueError("k-NN needs at least one labelled val sample")
     log.info("k-NN: %d val features in %.1f s", val_f.shape[0], time.perf_counter() - started)
-    train = extract(features, train_reader, device, normalize=True)
+    train = extract(features, train_reader, device, normalize=True, what="k-NN bank features")
     return knn_classify(train, val_f, val_y, ks, temperature=temperature)

@@ -122,8 +122,12 @@ def run_linear(
     seed: int = 0,
 ) -> LinearResult:
     started = time.perf_counter()
-    tr_f, tr_y = collect(extract(features, train_reader, device, normalize=False))
-    va_f, va_y = collect(extract(features, val_reader, device, normalize=False))
+    tr_f, tr_y = collect(
+        extract(features, train_reader, device, normalize=False, what="linear train features")
+    )
+    va_f, va_y = collect(
+        extract(features, val_reader, device, normalize=False, what="linear val features")
+    )
     tr_f, tr_y = gather_rows(tr_f.to(device), dim=feature_dim), gather_rows(tr_y.to(device))
     va_f, va_y = gather_rows(va_f.to(device), dim=feature_dim), gather_rows(va_y.to(device))
     log.info(

@@ -4,7 +4,7 @@ What the watcher's submitters start (locally, or on a cluster through a backend)
 `dino-cluster eval knn|linear` runs. Under torchrun-style environment variables every rank
 takes part (features sharded across ranks); rank 0 records the results.
 
-    --checkpoint URL   the run's checkpoint root (with --step, default: the newest),
+    --checkpoint URL   a run folder, the run's checkpoint root (with --step, default: the newest),
                        a step folder .../step-000000150, or an exported teacher .pth
     --init checkpoint|random|pixels
                        the trained teacher, or the same backbone randomly initialised, or
@@ -24,11 +24,16 @@ import re
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from dino_cluster.checkpointing.layout import CheckpointNotFoundError, parse_step_dir
+from dino_cluster.checkpointing.layout import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    parse_step_dir,
+)
 from dino_cluster.evaluate.features import (
     CLSFeatures,
     EvalError,
@@ -66,6 +71,7 @@ def parse_checkpoint(url: str, step: int | None = None) -> CheckpointRef:
         if step is not None:
             raise ValueError("--step does not apply to an exported .pth file")
         return CheckpointRef(None, None, export_url=url)
+    url = _run_checkpoints(url)
     m = _STEP_TAIL.search(url)
     if m:
         at = parse_step_dir(m.group(1))
@@ -73,6 +79,17 @@ def parse_checkpoint(url: str, step: int | None = None) -> CheckpointRef:
             raise ValueError(f"--step {step} contradicts the step folder in {url}")
         return CheckpointRef(url[: m.start()] or "/", at)
     return CheckpointRef(url.rstrip("/") or "/", step)
+
+
+def _run_checkpoints(url: str) -> str:
+    """A run folder (it has spec.resolved.yaml) stands for its checkpoint location."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    folder = Path(url.removeprefix("file://"))
+    resolved = folder / "spec.resolved.yaml"
+    if folder.is_dir() and resolved.is_file() and not (folder / "manifest.json").exists():
+        return load_spec(resolved).checkpoint_url
+    return url
 
 
 def load_teacher(
@@ -134,6 +151,52 @@ def evaluate(
         torch.set_num_threads(threads)
 
 
+def _reader(
+    spec: JobSpec,
+    url: str,
+    info: Any,
+    options: StorageOptions | None,
+    batch_size: int,
+    num_workers: int,
+) -> Any:
+    """This rank's part of a labelled shard set, through the evaluation transform."""
+    from dino_cluster.data.labelled import build_labelled_reader
+
+    return build_labelled_reader(
+        url,
+        transform=eval_transform(spec),
+        batch_size=batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        num_workers=num_workers,
+        storage_options=options,
+        max_image_pixels=spec.data.max_image_pixels,
+    )
+
+
+def _features(
+    spec: JobSpec,
+    kind: str,
+    init: Init,
+    ref: CheckpointRef | None,
+    options: StorageOptions | None,
+) -> tuple[torch.nn.Module, int | None]:
+    """The feature extractor `kind` evaluates, and the checkpoint step it came from."""
+    if init == "pixels":
+        return PixelFeatures(), None
+    at_step = None
+    backbone = build_eval_backbone(spec)
+    if init == "checkpoint":
+        if ref is None:
+            raise ValueError("--checkpoint is required (or --init random|pixels)")
+        at_step, state = load_teacher(ref, options)
+        load_backbone_weights(backbone, state)
+    if kind == "knn":
+        return CLSFeatures(backbone), at_step
+    n_last, avgpool = linear_recipe(spec)
+    return LinearProbeFeatures(backbone, n_last, avgpool), at_step
+
+
 def _evaluate(
     spec: JobSpec,
     kind: str,
@@ -148,7 +211,6 @@ def _evaluate(
     linear_epochs: int | None = None,
     seed: int | None = None,
 ) -> tuple[int | None, dict[str, Any]]:
-    from dino_cluster.data.labelled import build_labelled_reader
     from dino_cluster.evaluate.features import feature_dim
     from dino_cluster.evaluate.knn import run_knn
     from dino_cluster.evaluate.linear import run_linear
@@ -163,43 +225,19 @@ def _evaluate(
     started = time.perf_counter()
     info = init_distributed(use_gpu=ev.gpus > 0 and torch.cuda.is_available())
     ref = parse_checkpoint(checkpoint, step) if checkpoint else None
-    at_step: int | None = None
     # The run's seed: `--init random` is then exactly the run's initial weights, so the
     # comparison shows what training added.
     seed = spec.run.seed if seed is None else seed
     torch.manual_seed(seed)
-    if init == "pixels":
-        features: torch.nn.Module = PixelFeatures()
-    else:
-        backbone = build_eval_backbone(spec)
-        if init == "checkpoint":
-            if ref is None:
-                raise ValueError("--checkpoint is required (or --init random|pixels)")
-            at_step, state = load_teacher(ref, options)
-            load_backbone_weights(backbone, state)
-        if kind == "knn":
-            features = CLSFeatures(backbone)
-        else:
-            n_last, avgpool = linear_recipe(spec)
-            features = LinearProbeFeatures(backbone, n_last, avgpool)
+    features, at_step = _features(spec, kind, init, ref, options)
     features.to(info.device)
     dim = feature_dim(features, spec)
     readers = [
-        build_labelled_reader(
-            url,
-            transform=eval_transform(spec),
-            batch_size=batch_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            num_workers=num_workers,
-            storage_options=options,
-            max_image_pixels=spec.data.max_image_pixels,
-        )
+        _reader(spec, url, info, options, batch_size, num_workers)
         for url in (ev.train_url, ev.val_url)
     ]
-    extra = {"init": init, "world_size": info.world_size, "device": str(info.device)}
     if kind == "knn":
-        knn = run_knn(
+        outcome = run_knn(
             features,
             readers[0],
             readers[1],
@@ -208,10 +246,8 @@ def _evaluate(
             temperature=ev.knn_temperature,
             feature_dim=dim,
         )
-        extra["seconds"] = round(time.perf_counter() - started, 2)
-        results = knn.as_results(**extra)
     else:
-        lin = run_linear(
+        outcome = run_linear(
             features,
             readers[0],
             readers[1],
@@ -221,8 +257,12 @@ def _evaluate(
             feature_dim=dim,
             seed=seed,
         )
-        extra["seconds"] = round(time.perf_counter() - started, 2)
-        results = lin.as_results(**extra)
+    results = outcome.as_results(
+        init=init,
+        world_size=info.world_size,
+        device=str(info.device),
+        seconds=round(time.perf_counter() - started, 2),
+    )
     bad = {k: v for r in readers for k, v in r.bad.items()}
     if bad:
         results["info"]["bad_samples"] = bad
@@ -240,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dino_cluster.evaluate.runner")
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--spec", required=True, help="job spec with an evaluation section")
-    parser.add_argument("--checkpoint", help="checkpoint root, step folder or exported .pth")
+    parser.add_argument(
+        "--checkpoint", help="run folder, checkpoint root, step folder or exported .pth"
+    )
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--init", choices=("checkpoint", "random", "pixels"), default="checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -271,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_GONE
-    except (SpecError, ValueError, EvalError) as exc:
+    except (SpecError, ValueError, EvalError, CheckpointCorruptError) as exc:
+        # A damaged or non-finite checkpoint evaluates the same way every time: not retried.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:  # noqa: BLE001 - reported with its traceback; the watcher retries

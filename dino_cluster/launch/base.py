@@ -76,6 +76,10 @@ class Backend(Protocol):
         """Stop the run; its ranks write a checkpoint first."""
         ...
 
+    def failure(self, run_dir: Path) -> str | None:
+        """Why the run failed, in a sentence or two (None: it did not, or nobody knows)."""
+        ...
+
     def submit_eval(
         self, job: EvalJob, spec: JobSpec, run_dir: Path, *, address: str | None = None
     ) -> EvalHandle:

@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 MetricKind = Literal["gauge", "counter", "histogram"]
 
+# The Prometheus file-SD folder an operator's Prometheus reads: ranks put their targets
+# there (<run>-rank-N.json), a private local Ray a link to its own (ray/*.json).
+SD_DIR_ENV = "DINO_PROMETHEUS_SD_DIR"
+
 # Labels on every exported series: which run, which rank on which node, launched how.
 LABELS = ("run", "rank", "node", "backend")
 
@@ -107,6 +111,7 @@ EXPORTED: tuple[MetricDef, ...] = (
     ),
     MetricDef("dino_restarts", "gauge", "Restarts of the run (SLURM requeues)", "restarts"),
     MetricDef("dino_world_size", "gauge", "Number of training ranks", "world_size"),
+    MetricDef("dino_eta_seconds", "gauge", "Estimated seconds until the run's last step", "eta_s"),
     MetricDef(
         "dino_report_wait_seconds",
         "counter",

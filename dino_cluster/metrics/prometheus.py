@@ -39,6 +39,7 @@ from dino_cluster.metrics.catalogue import (
     EVAL_TOP1,
     EXPORTED,
     LABELS,
+    SD_DIR_ENV,
     STEP_SECONDS_BUCKETS,
     CounterTracker,
     RunLabels,
@@ -48,7 +49,6 @@ from dino_cluster.metrics.store import StoreState
 
 log = logging.getLogger(__name__)
 
-SD_DIR_ENV = "DINO_PROMETHEUS_SD_DIR"
 _WILDCARD = {"", "0.0.0.0", "::", "[::]"}
 
 

@@ -38,12 +38,32 @@ class JsonlSink:
         self._fh.close()
 
 
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 95 -> '1m35s', 7 -> '7s' (what a person plans by)."""
+    s = int(max(seconds, 0))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _progress_time(values: dict[str, float]) -> str:
+    if "elapsed_s" not in values:
+        return ""
+    text = f" elapsed {duration(values['elapsed_s'])}"
+    eta = values.get("eta_s")
+    if eta is not None and math.isfinite(eta):
+        text += f" eta {duration(eta)}"
+    return text
+
+
 class ConsoleSink:
-    """One progress line per logged step: step, epoch, loss, lr, images/s."""
+    """One progress line per logged step: step, epoch, loss, lr, images/s, elapsed, ETA."""
 
     def __init__(self, total_steps: int, console: Console | None = None) -> None:
         self.total = total_steps
-        self.console = console or Console(stderr=False, highlight=False)
+        self.console = console or Console(stderr=False, highlight=False, markup=False)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         pct = 100.0 * step / max(self.total, 1)
@@ -53,7 +73,8 @@ class ConsoleSink:
             f"wd {values.get('weight_decay', 0):.3f} mom {values.get('teacher_momentum', 0):.4f} "
             f"T_t {values.get('teacher_temp', 0):.3f} H_t {values.get('teacher_entropy', 0):.3f} "
             f"{values.get('images_per_s', 0):.1f} img/s data-wait "
-            f"{100 * values.get('data_wait_frac', 0):.0f}%",
+            f"{100 * values.get('data_wait_frac', 0):.0f}%"
+            f"{_progress_time(values)}",
             soft_wrap=True,  # one line per step even when stdout is a file (80 columns)
         )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_cluster.evaluate.results import EvalResult
+from dino_cluster.metrics.sinks import duration
 from dino_cluster.metrics.store import StoreState, read_restarts, read_store_state
 
 _TAIL_BYTES = 256 * 1024
@@ -84,7 +85,7 @@ def _open_checkpoints(run_dir: Path) -> Any:
     job = load_spec(run_dir / "spec.resolved.yaml")
     return CheckpointManager(
         job.checkpoint_url,
-        storage_options=StorageOptions.from_spec(job.data.storage),
+        storage_options=StorageOptions.from_spec(job.data.storage).interactive(),
         is_writer=False,
     )
 
@@ -132,8 +133,8 @@ def _num(row: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def render_summary(summary: RunSummary, now: float | None = None) -> str:
-    """Plain text lines (no markup) for the terminal."""
+def render_summary(summary: RunSummary, now: float | None = None, *, running: bool = False) -> str:
+    """Plain text lines (no markup) for the terminal; `running`: also the time left."""
     now = time.time() if now is None else now
     lines = []
     row = summary.metrics
@@ -155,6 +156,13 @@ def render_summary(summary: RunSummary, now: float | None = None) -> str:
         if t is not None:
             parts.append(f"(logged {_ago(t, now)})")
         lines.append("progress: " + "  ".join(parts))
+        elapsed, eta = _num(row, "elapsed_s"), _num(row, "eta_s")
+        if elapsed is not None:
+            timing = f"time: {duration(elapsed)} elapsed"
+            if running and eta is not None and math.isfinite(eta) and t is not None:
+                # The ETA was estimated when the row was logged; count the time since.
+                timing += f", about {duration(max(eta - (now - t), 0))} to go"
+            lines.append(timing)
     else:
         lines.append("progress: no step logged yet")
     if summary.checkpoint_step is not None:

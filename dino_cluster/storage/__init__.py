@@ -33,7 +33,9 @@ __all__ = [
     "StorageError",
     "StorageOptions",
     "backoff_delay",
+    "check_credentials",
     "check_key",
+    "check_writable",
     "open_store",
     "open_url",
     "retry_call",
@@ -100,3 +102,37 @@ def open_url(url: str, options: StorageOptions | None = None) -> BinaryIO:
     """Open one object for streaming reads (s3 reads resume with Range after a dropped body)."""
     parent, name = split_url(url)
     return open_store(parent, options).open_read(name)
+
+
+def check_writable(url: str, options: StorageOptions | None = None) -> None:
+    """Raise StorageError unless objects can be written under `url`, leaving nothing behind:
+    a local folder (or its nearest existing parent) must be writable; on S3 the credentials
+    must exist and a probe object is written and deleted at once."""
+    store = open_store(url, options)
+    if store.url.startswith("file://"):
+        path = store.url.removeprefix("file://")
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe) or "/"
+        if not os.path.isdir(probe):
+            raise StorageError("write", store.url, f"{probe} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise StorageError("write", store.url, f"no permission to write in {probe}")
+        return
+    from dino_cluster.storage.s3_client import CREDENTIALS_HINT, credentials_present
+
+    if not credentials_present(options or StorageOptions()):
+        raise StorageError("write", store.url, f"no AWS credentials found: {CREDENTIALS_HINT}")
+    key = f".dino-write-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    store.write_bytes(key, b"")
+    store.delete(key)
+
+
+def check_credentials(url: str, options: StorageOptions | None = None) -> None:
+    """For an s3:// URL: raise StorageError when boto3 finds no credentials (local: nothing)."""
+    if not url.startswith("s3://"):
+        return
+    from dino_cluster.storage.s3_client import CREDENTIALS_HINT, credentials_present
+
+    if not credentials_present(options or StorageOptions()):
+        raise StorageError("read", url, f"no AWS credentials found: {CREDENTIALS_HINT}")

@@ -8,6 +8,7 @@ standard AWS environment (env vars, profile files, instance roles).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -74,6 +75,14 @@ class StorageOptions:
             raise ValueError("StorageOptions.multipart_chunksize must be >= 5 MiB")
         if self.endpoint_url is not None:
             refuse_credentials(self.endpoint_url, what="endpoint_url")
+
+    def interactive(self) -> StorageOptions:
+        """The same store with deadlines for a person waiting at a prompt (pre-flight checks,
+        `checkpoints`, `status`): two tries and short timeouts, so a wrong endpoint is a
+        message within seconds instead of minutes of retries."""
+        return dataclasses.replace(
+            self, max_attempts=2, connect_timeout_s=5.0, read_timeout_s=20.0, request_backoff_s=0.2
+        )
 
     @classmethod
     def from_spec(cls, section: object | None) -> StorageOptions:

@@ -32,6 +32,7 @@ from dino_cluster.storage.base import (
 from dino_cluster.storage.s3_client import (
     NOT_FOUND_CODES,
     Transient,
+    describe,
     error_code,
     get_client,
     is_transient,
@@ -115,9 +116,14 @@ class S3Store(ObjectStore):
             code, status = error_code(exc)
             if code in NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
                 raise FileNotFoundError(f"no object {url}") from exc
-            raise StorageError(op, url, f"{code or status}: {exc}") from exc
+            raise StorageError(op, url, describe(exc)) from exc
         except BotoCoreError as exc:
-            raise StorageError(op, url, repr(exc)) from exc
+            raise StorageError(op, url, describe(exc)) from exc
+        except StorageError as exc:  # retries exhausted: say what the last failure was
+            cause = exc.__cause__
+            if cause is None or not exc.reason.startswith("gave up after"):
+                raise
+            raise StorageError(op, url, f"{describe(cause)} (after {rounds} tries)") from cause
 
     def _head(self, key: str) -> dict[str, Any]:
         full = self._full(key)
@@ -182,7 +188,7 @@ class S3Store(ObjectStore):
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure leaves as StorageError
-            raise StorageError("upload", url, repr(exc)) from exc
+            raise StorageError("upload", url, describe(exc)) from exc
         finally:
             if size >= self.options.multipart_threshold:
                 self._abort_orphans(full)

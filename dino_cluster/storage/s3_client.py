@@ -11,6 +11,7 @@ import http.client
 import os
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 from dino_cluster.storage.base import StorageError, StorageOptions, backoff_delay
 
@@ -180,3 +181,45 @@ def is_transient(exc: BaseException | None) -> bool:
         | TimeoutError
         | Transient,
     )
+
+
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a profile in "
+    "~/.aws/credentials), or give the machine an instance role / workload identity"
+)
+
+
+def credentials_present(options: StorageOptions) -> bool:
+    """Whether boto3 finds credentials for these options (environment, profile, role)."""
+    import boto3
+
+    session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
+    return session.get_credentials() is not None
+
+
+def describe(exc: BaseException) -> str:
+    """One plain sentence for what went wrong talking to S3 (the message users read)."""
+    from botocore import exceptions as bce
+
+    if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+        return f"no AWS credentials found: {CREDENTIALS_HINT}"
+    if isinstance(exc, bce.ProfileNotFound):
+        return f"{exc} (AWS_PROFILE / data.storage.profile)"
+    if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
+        where = getattr(exc, "kwargs", {}).get("endpoint_url", "")
+        parts = urlsplit(where)
+        where = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the S3 endpoint"
+        return (
+            f"cannot connect to {where} (check data.storage.endpoint_url or "
+            "AWS_ENDPOINT_URL, and that the endpoint is up)"
+        )
+    if isinstance(exc, bce.ClientError):
+        code, status = error_code(exc)
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            return f"the AWS credentials were refused ({code}): {CREDENTIALS_HINT}"
+        if code == "NoSuchBucket":
+            return "the bucket does not exist"
+        if code == "AccessDenied" or status == 403:
+            return "access denied (the credentials lack permission for this bucket/prefix)"
+        return f"{code or status}: {exc}"
+    return f"{type(exc).__name__}: {exc}"

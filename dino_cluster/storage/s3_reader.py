@@ -15,6 +15,7 @@ from dino_cluster.storage.base import StorageError, backoff_delay, retry_call
 from dino_cluster.storage.s3_client import (
     NOT_FOUND_CODES,
     Transient,
+    describe,
     error_code,
     is_boto_error,
     is_transient,
@@ -99,7 +100,7 @@ class S3Reader(io.RawIOBase):
             )
         except Exception as exc:
             if is_boto_error(exc):
-                raise StorageError("read", self._url, repr(exc)) from exc
+                raise StorageError("read", self._url, describe(exc)) from exc
             raise
 
     def _drop_body(self) -> None:
@@ -164,7 +165,7 @@ class S3Reader(io.RawIOBase):
             except Exception as exc:  # noqa: BLE001 - filtered below
                 if not is_transient(exc):
                     if is_boto_error(exc):
-                        raise StorageError("read", self._url, repr(exc)) from exc
+                        raise StorageError("read", self._url, describe(exc)) from exc
                     raise
                 last = exc
             self._drop_body()

@@ -20,13 +20,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dino_cluster.checkpointing import CheckpointManager
+from dino_cluster.checkpointing.objects import state_mismatch
 from dino_cluster.data.stream import TrainStream
 from dino_cluster.dino.loss import DINOLoss
 from dino_cluster.dino.model import MultiCropWrapper, build_student_teacher
 from dino_cluster.dino.optim import build_optimizer, param_groups
 from dino_cluster.dino.schedules import cosine_schedule, teacher_temp_schedule
 from dino_cluster.metrics.sinks import ConsoleSink, JsonlSink, MetricsSink, MultiSink, NullSink
-from dino_cluster.spec import CropsSpec, JobSpec, MethodSpec, ModelSpec, OptimSpec
+from dino_cluster.spec import CropsSpec, JobSpec, MethodSpec, ModelSpec, OptimSpec, SpecError
+from dino_cluster.spec.bounds import MAX_TOTAL_STEPS
 from dino_cluster.storage import StorageOptions
 from dino_cluster.train import rng
 from dino_cluster.train.distributed import DistInfo
@@ -74,6 +76,7 @@ def build_models(model: ModelSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
         nlayers=model.head_layers,
         use_bn=model.use_bn_in_head,
         norm_last_layer=model.norm_last_layer,
+        pos_embed_interpolation=model.pos_embed_interpolation,
         **shape,
     )
 
@@ -171,16 +174,60 @@ class Run:
         return self.stream.iters_per_epoch
 
 
+class ResumeMismatchError(ValueError):
+    """The committed checkpoint does not fit the spec (a user error: exit status 2)."""
+
+
+# State-key prefixes -> the spec fields whose change most likely moved them.
+_LIKELY_FIELD = (
+    ("head.last_layer", "model.out_dim"),
+    ("center", "model.out_dim"),
+    ("head.", "model.hidden_dim / bottleneck_dim / head_layers / use_bn_in_head"),
+    ("backbone.pos_embed", "model.img_size / model.patch_size / model.embed_dim"),
+    ("backbone.patch_embed", "model.patch_size / model.embed_dim"),
+    ("backbone.blocks.", "model.depth / model.embed_dim / model.num_heads"),
+    ("backbone.", "model.arch / model.embed_dim"),
+)
+
+
+def _mismatch_error(step: int, url: str, key: str, problem: str) -> ResumeMismatchError:
+    likely = next((f for prefix, f in _LIKELY_FIELD if key.startswith(prefix)), "model.*")
+    return ResumeMismatchError(
+        f"the checkpoint at step {step} in {url} does not fit this spec: {problem} (likely "
+        f"changed: {likely}). Start over with --set checkpoint.resume=false, or keep that "
+        "run and start a new one with --set run.name=NEW"
+    )
+
+
 def _resume(
     ckpt: CheckpointManager, info: DistInfo, parts: dict[str, Any]
 ) -> tuple[int, dict | None]:
-    """Load the newest committed checkpoint into `parts`; (step, saved data position)."""
+    """Load the newest committed checkpoint into `parts`; (step, saved data position). A
+    checkpoint that does not fit the spec is a ResumeMismatchError naming the first
+    difference, never a size-mismatch traceback at every restart."""
     loaded = ckpt.load(map_location="cpu")
     if loaded is None:
+        partial = ckpt.uncommitted_steps()
+        if partial and info.is_main:
+            log.warning(
+                "no committed checkpoint in %s, only unfinished writes of step(s) %s: "
+                "starting from step 0",
+                ckpt.url,
+                ", ".join(map(str, partial[:5])),
+            )
         return 0, None
     step, state = loaded
-    for key in ("student", "teacher", "dino_loss", "optimizer"):
+    modules = ("student", "teacher", "dino_loss")
+    for key in modules:
+        found = state_mismatch(parts[key], state.get(key), key)
+        if found:
+            raise _mismatch_error(step, ckpt.url, *found)
+    for key in modules:
         parts[key].load_state_dict(state[key])
+    try:
+        parts["optimizer"].load_state_dict(state["optimizer"])
+    except (KeyError, ValueError) as exc:
+        raise _mismatch_error(step, ckpt.url, "optimizer", f"optimizer state: {exc}") from None
     if state.get("scaler"):
         parts["scaler"].load_state_dict(state["scaler"])
     meta = state["meta"]
@@ -195,6 +242,19 @@ def _resume(
             info.world_size,
         )
     return step, meta.get("data_position")
+
+
+def _check_steps(spec: JobSpec, ipe: int) -> None:
+    """The spec against the dataset it met: at least one batch per epoch, and schedules
+    (one value per step) of a size that fits in memory."""
+    source = str(spec.run_dir / "spec.resolved.yaml")
+    if ipe < 1:
+        why = f"{spec.data.url} has fewer samples than one global batch"
+        raise SpecError(source, [("data.url", f"{why} ({spec.optim.global_batch})")])
+    total = spec.optim.epochs * ipe
+    if total > MAX_TOTAL_STEPS:
+        why = f"{spec.optim.epochs} epochs x {ipe} steps = {total} steps, over {MAX_TOTAL_STEPS}"
+        raise SpecError(source, [("optim.epochs", f"{why}: lower it, or raise global_batch")])
 
 
 def _networks(
@@ -253,10 +313,7 @@ def assemble(spec: JobSpec, info: DistInfo) -> Run:
         pin_memory=perf.pin_memory and device.type == "cuda",
     )
     ipe = stream.iters_per_epoch
-    if ipe < 1:
-        raise ValueError(
-            f"{spec.data.url}: fewer samples than one global batch ({spec.optim.global_batch})"
-        )
+    _check_steps(spec, ipe)
     total = spec.optim.epochs * ipe
     end = min(total, spec.optim.max_steps) if spec.optim.max_steps else total
 

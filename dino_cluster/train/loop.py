@@ -112,22 +112,35 @@ def gpu_memory_values(device: torch.device) -> dict[str, float]:
 
 class _Window:
     """Throughput and data-wait of one logging window (time in the launcher's report hook,
-    which can block, is kept out of it and counted on its own)."""
+    which can block, is kept out of it and counted on its own), and the run's elapsed time
+    and ETA from the step rate measured since the first logging window."""
 
-    def __init__(self) -> None:
-        self.t0, self.images, self.data_wait = time.perf_counter(), 0, 0.0
+    def __init__(self, end_step: int) -> None:
+        self.started = time.perf_counter()
+        self.t0, self.images, self.data_wait = self.started, 0, 0.0
         self.report_wait = 0.0  # cumulative over the run
+        self.end_step = end_step
+        self.first: tuple[float, int] | None = None  # (time, step) of the first log
 
-    def values(self, global_batch: int) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+    def values(self, step: int, global_batch: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.t0, 1e-9)
         steps = max(round(self.images / global_batch), 1)
+        step_time = elapsed / steps
+        if self.first is not None and step > self.first[1]:
+            # The first window includes start-up (workers, first batches): measure after it.
+            step_time = (now - self.first[0]) / (step - self.first[1])
+        else:
+            self.first = (now, step)
         out = {
             "images_per_s": self.images / elapsed,
             "data_wait_frac": min(self.data_wait / elapsed, 1.0),
             "step_time_s": elapsed / steps,
             "report_wait_s": self.report_wait,
+            "elapsed_s": now - self.started,
+            "eta_s": max(self.end_step - step, 0) * step_time,
         }
-        self.t0, self.images, self.data_wait = time.perf_counter(), 0, 0.0
+        self.t0, self.images, self.data_wait = now, 0, 0.0
         return out
 
 
@@ -166,7 +179,7 @@ def _run_steps(
     ipe, end, every = run.iters_per_epoch, run.end_step, spec.checkpoint.every_steps
     log_every = spec.metrics.log_every_steps
     step, skipped, last = run.start_step, 0, {}
-    window = _Window()
+    window = _Window(end)
     while step < end:
         epoch = step // ipe
         epoch_start = step
@@ -195,7 +208,7 @@ def _run_steps(
                 check = run.step_fn.check(stop.requested)
                 skipped, stopping = check.skipped, check.stop
             if at_log:
-                last = _log_values(run, it, loss, skipped) | window.values(o.global_batch)
+                last = _log_values(run, it, loss, skipped) | window.values(step, o.global_batch)
                 sink.log(step, last)
             if check is not None and check.longest >= me.max_nonfinite_steps:
                 raise NonFiniteLossError(
@@ -242,9 +255,17 @@ def train(
     if install_signal_handlers:
         stop.install(spec.checkpoint.on_signals)
     sink = build_sinks(spec, info, run.end_step, hooks)
+    already_done = run.start_step >= run.end_step
+    if already_done and info.is_main:
+        log.info(
+            "the run is already complete: its checkpoint is at step %d, the spec ends at step "
+            "%d (raise optim.epochs or optim.max_steps to train on); nothing to do",
+            run.start_step,
+            run.end_step,
+        )
     try:
         status, step, skipped, last = _run_steps(run, stop, sink, hooks)
-        if status in ("completed", "max_steps"):
+        if status in ("completed", "max_steps") and not already_done:
             save_checkpoint(run, step, blocking=True)
             if hooks.report is not None:
                 hooks.report(dict(last), step)

@@ -22,13 +22,15 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dino_cluster.launch.base import LaunchError, SubmitResult, refuse_if_active
 from dino_cluster.launch.procs import follow as follow_file
 from dino_cluster.launch.procs import pid_alive
-from dino_cluster.launch.run_record import RayRecord, read_record, write_record
+from dino_cluster.launch.ray.cluster import check_reachable
+from dino_cluster.launch.run_record import RayRecord, read_record, record_path, write_record
 from dino_cluster.spec import JobSpec, spec_from_dict, write_resolved
 
 if TYPE_CHECKING:
@@ -100,6 +102,8 @@ class RayBackend:
             return SubmitResult(str(run_dir), status="dry-run", message=self.render(spec))
         refuse_if_active(run_dir)
         address = spec.launcher.ray.address
+        if address:
+            check_reachable(address, spec.launcher.ray.connect_timeout_s)
         if address and address.startswith(JOBS_SCHEMES):
             return self._submit_job(spec, address, detach)
         return self._submit_driver(spec, address, detach)
@@ -114,7 +118,11 @@ class RayBackend:
         write_record(
             run_dir, RayRecord(mode="jobs", address=address, job_id=job_id, spec=str(spec_path))
         )
-        jobs.submit(spec, address, job_id=job_id)
+        try:
+            jobs.submit(spec, address, job_id=job_id)
+        except LaunchError:
+            record_path(run_dir).unlink(missing_ok=True)  # nothing was submitted
+            raise
         print(f"Ray job {job_id} submitted to {address}", flush=True)
         if detach:
             return SubmitResult(
@@ -157,8 +165,7 @@ class RayBackend:
         try:
             follow_file(log_path, lambda: proc.poll() is None, start)
         except KeyboardInterrupt:
-            proc.send_signal(signal.SIGTERM)  # the driver has the workers checkpoint first
-            follow_file(log_path, lambda: proc.poll() is None, log_path.stat().st_size)
+            _stop_driver(proc, log_path)
         proc.wait()
         result.status = self.status(run_dir)
         return result
@@ -177,6 +184,15 @@ class RayBackend:
             return "failed"  # the driver was killed before it could say how it ended
         status = json.loads(result.read_text())["status"]
         return "completed" if status == "max_steps" else status
+
+    def failure(self, run_dir: Path) -> str | None:
+        """The driver's own account (RUN/ray/driver-result.json) of a failed run."""
+        result = Path(run_dir) / "ray" / "driver-result.json"
+        try:
+            doc = json.loads(result.read_text())
+        except (OSError, ValueError):
+            return None
+        return str(doc.get("message") or "") or None if doc.get("status") == "failed" else None
 
     def logs(self, run_dir: Path, *, follow: bool = False, rank: int | None = None) -> None:
         rec = read_record(run_dir, "ray")
@@ -216,3 +232,27 @@ class RayBackend:
         if address is None:
             address = run_address(run_dir, spec.launcher.ray.address)
         return submit_task(job, spec, address=address)
+
+
+def _stop_driver(proc: subprocess.Popen, log_path: Path) -> None:
+    """Ctrl-C in the foreground: the driver has its workers checkpoint and stops (SIGTERM);
+    if it has not ended within the stop grace, or a second Ctrl-C comes, its whole process
+    group is killed, so nothing of the run outlives the command."""
+    from dino_cluster.launch.ray.jobs import STOP_GRACE_S
+
+    proc.send_signal(signal.SIGTERM)
+    print("\nstopping: the workers checkpoint, then the driver exits (Ctrl-C again: kill)")
+    deadline = time.monotonic() + STOP_GRACE_S + 30
+    try:
+        follow_file(
+            log_path,
+            lambda: proc.poll() is None and time.monotonic() < deadline,
+            log_path.stat().st_size,
+        )
+    except KeyboardInterrupt:
+        pass
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

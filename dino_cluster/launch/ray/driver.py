@@ -38,6 +38,7 @@ from dino_cluster.launch.errors import LaunchError
 from dino_cluster.launch.ray.cluster import (
     LocalRayCluster,
     auth_token,
+    check_reachable,
     enable_token_auth,
     loopback_env,
 )
@@ -279,7 +280,8 @@ def run_driver(
             flush=True,
         )
     try:
-        ray.init(address=address or "auto", log_to_driver=True, logging_level=logging.WARNING)
+        _connect(ray, address, spec.launcher.ray.connect_timeout_s)
+        CONNECTED.set()
         evals = None
         result: DriverResult | None = None
         try:
@@ -303,6 +305,35 @@ def run_driver(
     finally:
         if cluster is not None:
             cluster.stop()
+
+
+# Set once this driver is connected to Ray: a stop before that leaves at once (there is
+# nothing to checkpoint yet, and Ray's connect loop would not look at the stop request).
+CONNECTED = threading.Event()
+
+
+def _connect(ray: Any, address: str | None, timeout_s: float) -> None:
+    """ray.init with a deadline: Ray itself retries an unreachable GCS forever."""
+    if address not in (None, "auto"):
+        check_reachable(address, timeout_s)
+
+    def give_up() -> None:
+        print(
+            f"error: the run failed: Ray did not connect to {address or 'the local cluster'} "
+            f"within {timeout_s:g} s (launcher.ray.connect_timeout_s); check "
+            "--address / launcher.ray.address",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(EXIT_FAILED)  # the connect loop cannot be interrupted from another thread
+
+    watchdog = threading.Timer(timeout_s + 30, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(address=address or "auto", log_to_driver=True, logging_level=logging.WARNING)
+    finally:
+        watchdog.cancel()
 
 
 def _token_hint() -> str:
@@ -346,9 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     stop_event = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
-        # First signal: checkpoint and stop. A second one: leave now (Ray cleans up the
-        # controller and workers this driver owns when it exits).
-        if stop_event.is_set():
+        # First signal: checkpoint and stop. A second one, or one before Ray is connected:
+        # leave now (finally blocks stop a private cluster; Ray cleans up the controller and
+        # workers this driver owns when it exits).
+        if stop_event.is_set() or not CONNECTED.is_set():
             raise SystemExit(EXIT_STOPPED)
         stop_event.set()
 
@@ -358,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_driver(spec, address, stop_event, spec_path=args.spec)
     except LaunchError as exc:
         result = DriverResult("failed", message=str(exc))
+    except SystemExit:  # a stop before Ray was connected, or a second stop
+        result = DriverResult("stopped", message="stopped on request before training ended")
     write_result(spec, result)
     if result.status == "failed":
         print(f"error: the run failed: {result.message}", file=sys.stderr, flush=True)

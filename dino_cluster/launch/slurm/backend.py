@@ -86,8 +86,9 @@ def explain_sbatch_error(message: str, r: Resources) -> str:
     lowered = text.lower()
     values = dict(vars(r), mem=f", {r.mem_gb} GB" if r.mem_gb else "")
     hints = [h.format(**values) for key, h in _HINTS if key in lowered]
-    out = f"SLURM refused the job, nothing was submitted: {text or '(no message)'}"
-    return out + "".join(f"\n  hint: {h}" for h in hints)
+    # One line: what to change first, then SLURM's own words.
+    said = f"SLURM refused the job, nothing was submitted: {text or '(no message)'}"
+    return "; ".join([*hints, said]) if hints else said
 
 
 class SlurmBackend:
@@ -231,6 +232,15 @@ class SlurmBackend:
         record = read_record(run_dir, "slurm")
         state, restarts = query_job(record.job_id)
         return slurm_env.map_state(state, restarts)
+
+    def failure(self, run_dir: Path) -> str | None:
+        """SLURM's state of a failed job, and where its rank logs are."""
+        record = read_record(run_dir, "slurm")
+        state, _ = query_job(record.job_id)
+        if slurm_env.map_state(state, 0) != "failed":
+            return None
+        logs = record.log_pattern.format(job_id=record.job_id, rank="<rank>")
+        return f"SLURM job {record.job_id} ended {state}; rank logs: {logs}"
 
     def logs(self, run_dir: Path, *, follow: bool = False, rank: int | None = None) -> None:
         record = read_record(run_dir, "slurm")
