@@ -271,8 +271,9 @@ def checkpoints(
     from dino_cluster.checkpointing import CheckpointManager, render_table
     from dino_cluster.storage import StorageError, StorageOptions
 
-    if "://" in run:
-        url, options = run, StorageOptions()
+    folder = Path(run)
+    if "://" in run or (folder.is_dir() and not (folder / "spec.resolved.yaml").exists()):
+        url, options = run, StorageOptions()  # a checkpoint location itself
     else:
         run_dir = _run_dir(run)
         resolved = run_dir / "spec.resolved.yaml"
