@@ -346,11 +346,6 @@ def test_recursion_error_is_a_spec_error(monkeypatch) -> None:
         strict_yaml.loads("a: 1\n")
 
 
-@pytest.mark.xfail(
-    reason="dino_cluster/cli.py _fail() prints messages as rich markup: a key '[/x]' in a "
-    "spec is a MarkupError (exit 1); the CLI must print rich.markup.escape(message)",
-    strict=False,
-)
 def test_markup_in_a_key_is_printed_as_is(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from dino_cluster.launch.base import LaunchError, SubmitResult, refuse_if_active
 from dino_cluster.launch.eval_watcher import spawn_watcher
+from dino_cluster.launch.procs import follow as follow_file
 from dino_cluster.launch.run_record import SlurmRecord, read_record, write_record
 from dino_cluster.launch.slurm import env as slurm_env
 from dino_cluster.launch.slurm.commands import query_job, slurm
@@ -262,20 +263,7 @@ class SlurmBackend:
                     f"{path}: no log yet (job {record.job_id} is {state or self.status(run_dir)})"
                 )
             time.sleep(POLL_S)
-        with open(path, "rb") as fh:
-            while True:
-                chunk = fh.read(65536)
-                if chunk:
-                    sys.stdout.write(chunk.decode("utf-8", "replace"))
-                    sys.stdout.flush()
-                    continue
-                if not follow or finished():
-                    rest = fh.read()
-                    if rest:
-                        sys.stdout.write(rest.decode("utf-8", "replace"))
-                        sys.stdout.flush()
-                    return
-                time.sleep(POLL_S)
+        follow_file(path, lambda: follow and not finished(), poll_s=POLL_S)
 
     def cancel(self, run_dir: Path, *, wait_s: float | None = None) -> None:
         """Checkpoint, then cancel: USR2 to every rank (they checkpoint after the current step
