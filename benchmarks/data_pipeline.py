@@ -14,7 +14,8 @@ Pipelines (2 global 224 + N local 96 crops, the recipe; every figure is per CPU 
               photometrics once per batch in the worker
   batched CPU stage : the same with `cpu_stage()`: the CPU side of today's `gpu` value
   fast      : TrainStream -> FastMultiCropAugment (`data.augment: fast`): simplejpeg decode,
-              compiled PIL-exact crops and photometrics (dino_cluster/dino/augment/fast.py)
+              compiled PIL-exact crops and photometrics (dino_cluster/dino/augment/fast.py),
+              hue as batched_ops' float rotation; `exact_hue=True`: PIL's HSV round trip too
   fast CPU stage : `FastMultiCropAugment.cpu_stage()`: decode + crops + draws only, the
               photometrics then run batched on the accelerator (the `gpu` path)
 
@@ -53,6 +54,8 @@ from dino_cluster.data.pack import pack
 from dino_cluster.dino.augment.batched import BatchedMultiCropAugment, keep_freed_memory
 from dino_cluster.dino.augment.fast import FastMultiCropAugment
 from dino_cluster.dino.augment.reference import MultiCropAugment
+
+REPO = Path(__file__).resolve().parents[1]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 H100_IMAGES_PER_S = 3600.0  # ViT-S/16, 2x224 + 8x96 crops, 50 % MFU (see the issue)
@@ -147,13 +150,15 @@ def bench_device_stage(shards: Path, aug, batch: int, device: str, steps: int = 
 # (label, pipeline key); the first four labels are the ones earlier versions printed
 _BATCHED, _BATCHED_STAGE = "ours (TrainStream + BatchedMultiCropAugment)", "ours, CPU stage only"
 _FAST, _FAST_STAGE = "fast (TrainStream + FastMultiCropAugment)", "fast, CPU stage only"
+_FAST_EXACT = "fast, exact_hue=True (PIL's HSV round trip)"
 
 
 def _pipelines(n_local: int) -> dict[str, Callable]:
     batched = BatchedMultiCropAugment(n_local=n_local)
     fast = FastMultiCropAugment(n_local=n_local)
+    exact = FastMultiCropAugment(n_local=n_local, exact_hue=True)
     return {_BATCHED: batched, _BATCHED_STAGE: batched.cpu_stage(), _FAST: fast,
-            _FAST_STAGE: fast.cpu_stage()}  # fmt: skip
+            _FAST_EXACT: exact, _FAST_STAGE: fast.cpu_stage()}  # fmt: skip
 
 
 def run_set(jpegs: list[bytes], args) -> tuple[float, dict[str, float], Path, object]:
@@ -199,6 +204,8 @@ def report(title: str, jpegs: list[bytes], ref_rate: float, rates: dict[str, flo
     ratio("ratio CPU stage only / reference", rates[_BATCHED_STAGE])
     line(_FAST, rates[_FAST])
     ratio("ratio fast / reference", rates[_FAST])
+    line(_FAST_EXACT, rates[_FAST_EXACT])
+    ratio("ratio fast exact_hue / reference", rates[_FAST_EXACT])
     line(f"{_FAST_STAGE} (photometric on GPU)", rates[_FAST_STAGE])
     ratio("ratio fast CPU stage / reference", rates[_FAST_STAGE])
 
@@ -212,8 +219,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="per-rank batch of the stream")
     parser.add_argument("--sets", default="photos,imagenet", help="photos, imagenet or both")
     parser.add_argument("--device", default=None, help="also time the device stage (cuda)")
-    parser.add_argument("--no-extra", action="store_true", help="accepted, no effect (older)")
+    parser.add_argument("--quickstart", default=None, metavar="SHARDS",
+                        help="instead: each data.augment value with jobs/quickstart.yaml's "
+                        "crops on these shards (e.g. data/fmnist/index.json)")  # fmt: skip
     args = parser.parse_args()
+    if args.quickstart:
+        torch.set_num_threads(1)
+        return quickstart(args.quickstart, args.samples, args.rounds, args.batch)
     if args.images < args.batch:
         parser.error("--images must be >= --batch (the stream needs one batch per epoch)")
     torch.set_num_threads(1)  # per-core figures
@@ -241,6 +253,31 @@ def main() -> None:
           f"best of {args.rounds} rounds")  # fmt: skip
     for name, jpegs, ref_rate, rates in results:
         report(name, jpegs, ref_rate, rates)
+
+
+def quickstart(shards: str, samples: int, rounds: int, batch: int) -> None:
+    """Samples/s/core of every `data.augment` value with the quickstart's crops, in the stream
+    (as the quickstart runs it, photometrics included), ratios to `reference`."""
+    from dino_cluster.spec import load_spec
+    from dino_cluster.train.assemble import build_augment
+
+    crops = load_spec(REPO / "jobs" / "quickstart.yaml").method.crops
+    built = {a: build_augment(crops, a) for a in ("reference", "batched", "fast", "gpu")}
+    transforms = {a: t for a, (t, _) in built.items() if a != "gpu"}
+    for t in transforms.values():
+        bench_pipeline(Path(shards), batch, t, batch)  # warm-up (and numba's compile)
+    rates = dict.fromkeys(transforms, 0.0)
+    load = [os.getloadavg()[0]]
+    for _ in range(rounds):
+        for name, t in transforms.items():
+            rates[name] = max(rates[name], bench_pipeline(Path(shards), samples, t, batch))
+    load.append(os.getloadavg()[0])
+    print(f"quickstart crops ({crops.global_size}/{crops.local_size} px, {crops.n_local} local) "
+          f"on {shards}: {samples} samples, batch {batch}, best of {rounds}, 1 thread, "
+          f"load average {min(load):.1f}-{max(load):.1f}")  # fmt: skip
+    for name, rate in rates.items():
+        print(f"{'data.augment: ' + name:28s}: {rate:8.1f} samples/s/core  "
+              f"{rate / rates['reference']:5.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = str(run_dir / "checkpoints") if init == "checkpoint" else None
             step, res = evaluate(spec, "knn", ckpt, init=init, record=False)
             rows.append((init, step, res["by_k"]))
-    print(f"\n{job.name} ({spec.model.arch}, {spec.optim.epochs} epochs) trained in {train_s:.0f} s")
+    print(
+        f"\n{job.name} ({spec.model.arch}, {spec.optim.epochs} epochs) trained in {train_s:.0f} s"
+    )
     uniform = math.log(spec.model.out_dim)
     print(
         f"end of training (step {end['step']:.0f}, mean of the last {END_ROWS} logged rows): "

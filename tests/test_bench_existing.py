@@ -39,7 +39,7 @@ def test_data_pipeline_tiny_prints_rates_and_ratios() -> None:
     out = run_bench(
         "data_pipeline.py",
         *("--images", "4", "--samples", "8", "--batch", "4", "--rounds", "1"),
-        *("--n-local", "1", "--no-extra"),
+        *("--n-local", "1"),
     )
     ref = figure(out, "reference (PIL decode + MultiCropAugment)")
     ours = figure(out, "ours (TrainStream + BatchedMultiCropAugment)")

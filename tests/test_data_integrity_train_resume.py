@@ -1,4 +1,4 @@
-"""The training loop with a data worker (as jobs/quickstart.yaml runs it), killed with SIGKILL
+"""The training loop with a data worker (as jobs/quickstart-vit.yaml runs it), killed with SIGKILL
 after a checkpoint commits and restarted, twice: the final teacher and center are
 bit-identical to an uninterrupted run. Before the data position held the worker's random
 state, a mid-epoch resume saw the same samples with other augmentation draws."""
@@ -22,7 +22,7 @@ RESUMED = re.compile(r"resumed from step (\d+)")
 
 def _spec(tmp_path: Path, shards: Path, name: str) -> Path:
     spec = load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [
             f"run.name={name}",
             f"run.dir={tmp_path / 'runs'}",

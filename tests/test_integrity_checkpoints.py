@@ -196,7 +196,7 @@ def _train(tmp_path: Path, shards: Path, *extra: str) -> subprocess.CompletedPro
     from dino_cluster.spec import load_spec, write_resolved
 
     spec = load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [f"run.dir={tmp_path / 'runs'}", f"data.url={shards}", *TINY, *extra],
     )
     path = write_resolved(spec, tmp_path / "specs" / str(len(list(tmp_path.glob("specs/*")))))
@@ -210,7 +210,9 @@ def _train(tmp_path: Path, shards: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def _ckpts(tmp_path: Path) -> CheckpointManager:
-    return CheckpointManager(str(tmp_path / "runs" / "quickstart" / "checkpoints"), is_writer=False)
+    return CheckpointManager(
+        str(tmp_path / "runs" / "quickstart-vit" / "checkpoints"), is_writer=False
+    )
 
 
 def test_a_finished_run_submitted_again_says_so_and_keeps_its_checkpoints(
@@ -248,7 +250,7 @@ def test_a_nan_checkpoint_is_not_resumed_from_nor_evaluated(
     tmp_path: Path, fmnist_shards: Path
 ) -> None:
     assert _train(tmp_path, fmnist_shards, "optim.max_steps=4").returncode == 0
-    root = tmp_path / "runs" / "quickstart" / "checkpoints"
+    root = tmp_path / "runs" / "quickstart-vit" / "checkpoints"
     teacher = torch.load(root / "step-000000004" / "teacher.pt", weights_only=True)
     first = next(iter(teacher))
     teacher[first] = torch.full_like(teacher[first], float("nan"))
@@ -256,7 +258,7 @@ def test_a_nan_checkpoint_is_not_resumed_from_nor_evaluated(
     _resign(root, 4, "teacher.pt")
     knn = subprocess.run(
         [sys.executable, "-m", "dino_cluster.cli", "eval", "knn", "--checkpoint",
-         str(root / "step-000000004"), "--spec", str(REPO / "jobs" / "eval-knn.yaml"),
+         str(root / "step-000000004"), "--spec", str(REPO / "jobs" / "quickstart-vit.yaml"),
          "--set", f"evaluation.train_url={fmnist_shards}",
          "--set", f"evaluation.val_url={fmnist_shards}", *_model_overrides(), "--no-record"],
         capture_output=True, text=True, timeout=300,

@@ -96,7 +96,7 @@ def test_running_quickstart_is_scraped_through_file_sd(
         "checkpoint.every_steps=5",
         "checkpoint.keep_every_steps=5",  # keep the evaluated checkpoint
     ]
-    args = ["submit", "jobs/quickstart.yaml", "--detach"]
+    args = ["submit", "jobs/quickstart-vit.yaml", "--detach"]
     for s in sets:
         args += ["--set", s]
     done = _cli(*args, env=env)

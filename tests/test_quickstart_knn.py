@@ -29,19 +29,21 @@ from dino_cluster.storage import open_store
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = 2000
 # The bar: the final teacher at least 12 points above the same backbone at random
-# initialisation at k = 20 (README, Evaluation: measured MEASURED_GAP; the standard error
+# initialisation at k = 20 (README, Evaluation: measured 14.0; the standard error
 # of one accuracy on 2,000 queries is about 1 point).
 MIN_GAP = 12.0
 # The collapse signals at the end of training, from metrics.jsonl (mean of the last END_ROWS
 # logged rows: one row is one batch). Uniform collapse is H(P_t) -> ln(out_dim) with
 # KL -> 0; one-dimension collapse is H(P_t) -> 0 with KL -> 0 (the paper's fig. 7).
-# Measured at the end of the shipped quickstart: MEASURED_END.
+# Measured at the end of the shipped quickstart: entropy 2.36 nats (0.34 x ln 1024), KL
+# 0.91; over the second half the entropy peaked at 3.40 (0.49 x ln 1024), the KL never
+# fell below 0.67.
 END_ROWS = 5
 MAX_ENTROPY_FRACTION = 0.75  # of ln(out_dim): well below uniform
 MIN_ENTROPY = 1.0  # nats: far from one-dimension collapse
 MAX_SECOND_HALF = 0.8  # of ln(out_dim): the most any logged row of the second half may reach
-MIN_KL = MIN_KL_VALUE  # nats: the student still has something to learn from the teacher
-# The whole test: training with the watcher beside it, then two baselines. About 10 minutes
+MIN_KL = 0.3  # nats: the student still has something to learn from the teacher
+# The whole test: training with the watcher beside it, then two baselines. About 7 minutes
 # on 2 idle cores; a machine shared with other work has taken several times that, so this
 # test has its own limit instead of the suite's 600 s.
 TIMEOUT_S = 3600
@@ -99,9 +101,15 @@ def test_quickstart_teacher_beats_random_init_and_every_checkpoint_is_evaluated_
     args = ["submit", str(REPO / "jobs" / "quickstart.yaml")]
     for item in paths:
         args += ["--set", item]
-    proc = _cli(*args, cwd=tmp_path, timeout=SUBMIT_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "quickstart"
+    try:
+        proc = _cli(*args, cwd=tmp_path, timeout=SUBMIT_TIMEOUT_S)
+    finally:
+        # The run's supervisor is detached from `submit`: if submit was killed (timeout,
+        # Ctrl-C) it would train on, so stop it the way a user does (a no-op once it ended).
+        if (run_dir / "launch.json").exists():
+            _cli("cancel", str(run_dir), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     spec = load_spec(run_dir / "spec.resolved.yaml")
     # In the foreground `submit` waits for the watcher, so every evaluation is over by now,
     # and it echoed the results.

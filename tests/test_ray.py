@@ -44,7 +44,7 @@ TINY = [
 
 def ray_spec(tmp_path: Path, shards: Path, *extra: str) -> JobSpec:
     return load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [f"run.dir={tmp_path / 'runs'}", f"data.url={shards}", *TINY, *extra],
     )
 

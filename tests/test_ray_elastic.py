@@ -97,7 +97,7 @@ def test_grows_and_shrinks_with_the_cluster_keeping_the_global_batch(
     # ray_cluster: only for its token (auth env); this test's Ray is its own.
     spec = localize_paths(
         load_spec(
-            REPO / "jobs" / "quickstart.yaml",
+            REPO / "jobs" / "quickstart-vit.yaml",
             [
                 f"run.dir={tmp_path / 'runs'}",
                 f"data.url={fmnist_shards}",

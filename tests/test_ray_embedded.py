@@ -33,13 +33,19 @@ def test_quickstart_on_embedded_ray_two_workers(tmp_path: Path, fmnist_shards: P
         "metrics.log_every_steps=3",
         "evaluation.enabled=false",
     ]
-    cmd = [sys.executable, "-m", "dino_cluster.cli", "submit", str(REPO / "jobs/quickstart.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dino_cluster.cli",
+        "submit",
+        str(REPO / "jobs/quickstart-vit.yaml"),
+    ]
     cmd += ["--backend", "ray"] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "127.0.0.1" in out  # the dashboard URL of the private Ray, on loopback
-    run_dir = tmp_path / "runs" / "quickstart"
+    run_dir = tmp_path / "runs" / "quickstart-vit"
     launch = json.loads((run_dir / "launch.json").read_text())
     assert launch["backend"] == "ray"
     spec = load_spec(run_dir / "spec.resolved.yaml")

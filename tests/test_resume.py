@@ -26,7 +26,7 @@ KILLS = 20
 
 def _spec(tmp_path: Path, shards: Path, bucket: str, name: str) -> Path:
     spec = load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [
             f"run.name={name}",
             f"run.dir={tmp_path / 'runs'}",

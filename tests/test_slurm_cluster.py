@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def tiny_spec(tmp_path: Path, shards: Path, name: str, *extra: str) -> JobSpec:
     return load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [
             f"run.name={name}",
             f"run.dir={tmp_path / 'runs'}",

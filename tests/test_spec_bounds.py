@@ -375,3 +375,16 @@ def test_a_megabyte_value_is_checked_fast_and_reported_short(tmp_path: Path) -> 
 def test_a_flat_document_of_too_many_values_is_refused_while_composing() -> None:
     with pytest.raises(strict_yaml.SpecYAMLError, match="more than 10000 values"):
         strict_yaml.loads("x: [" + "1, " * 20_000 + "]\n")
+
+
+@pytest.mark.parametrize("field", ["depth=2", "embed_dim=64", "num_heads=2", "patch_size=8"])
+def test_a_cnn_given_a_vit_field_is_refused_when_the_spec_is_read(field: str) -> None:
+    """Not later, in the ranks, as timm's TypeError."""
+    with pytest.raises(SpecError, match=f"{field.split('=')[0]}: only ViT archs .* 'test_resnet'"):
+        load_spec(REPO / "jobs" / "quickstart.yaml", [f"model.{field}"])
+    from dino_cluster.spec.sections import ModelSpec
+
+    assert ModelSpec(arch="resnet18").patch_size is None  # the ViT default does not follow a CNN
+    assert ModelSpec().patch_size == 16
+    vit = load_spec(REPO / "jobs" / "quickstart-vit.yaml", [f"model.{field}"])
+    assert vit.model.arch.startswith("vit_")

@@ -34,7 +34,7 @@ TINY = [
 
 def tiny_spec(tmp_path: Path, shards: Path, *extra: str) -> JobSpec:
     return load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [f"run.dir={tmp_path / 'runs'}", f"data.url={shards}", *TINY, *extra],
     )
 
@@ -200,10 +200,11 @@ def test_nonfinite_losses_skip_then_stop(
     assert rows and rows[-1]["skipped_steps"] >= 2
 
 
-@pytest.mark.parametrize("augment", ["batched", "gpu"])
+@pytest.mark.parametrize("augment", ["batched", "fast", "gpu"])
 def test_fast_augment_paths_train(tmp_path: Path, fmnist_shards: Path, augment: str) -> None:
-    """data.augment=batched (photometrics per chunk in the stream) and gpu (photometrics in the
-    loop on the training device: here the CPU) feed the same loop with 2+n crops."""
+    """data.augment=batched and fast (photometrics per chunk in the stream) and gpu (fast's CPU
+    stage in the stream, photometrics in the loop on the training device: here the CPU) feed
+    the same loop with 2+n crops."""
     spec = tiny_spec(
         tmp_path,
         fmnist_shards,
@@ -218,3 +219,21 @@ def test_fast_augment_paths_train(tmp_path: Path, fmnist_shards: Path, augment: 
     assert result.step == 3 and result.status == "max_steps"
     rows = _read_metrics(spec.run_dir)
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_each_augment_value_builds_its_pipeline() -> None:
+    """Every data.augment value reaches its own implementation (none is dead code)."""
+    from dino_cluster.dino.augment.batched import BatchedMultiCropAugment
+    from dino_cluster.dino.augment.fast import FastMultiCropAugment, FastSampleStage
+    from dino_cluster.dino.augment.reference import MultiCropAugment
+    from dino_cluster.spec.sections import CropsSpec
+    from dino_cluster.train.assemble import build_augment
+
+    crops = CropsSpec(global_size=32, local_size=16, n_local=2)
+    built = {a: build_augment(crops, a) for a in ("reference", "batched", "fast", "gpu")}
+    assert type(built["reference"][0]) is MultiCropAugment and built["reference"][1] is None
+    assert type(built["batched"][0]) is BatchedMultiCropAugment and built["batched"][1] is None
+    assert type(built["fast"][0]) is FastMultiCropAugment and built["fast"][1] is None
+    stage, device = built["gpu"]
+    assert isinstance(stage, FastSampleStage) and isinstance(device, FastMultiCropAugment)
+    assert stage.augment is device and device.n_crops == 4

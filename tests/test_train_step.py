@@ -310,7 +310,7 @@ def test_two_ranks_sync_free_skip_and_stop_agree(tmp_path: Path, fmnist_shards: 
     from dino_cluster.spec import write_resolved
 
     spec = load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [
             f"run.dir={tmp_path / 'runs'}", f"data.url={fmnist_shards}",
             "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.out_dim=256",
@@ -353,7 +353,7 @@ def test_sync_free_train_raises_on_a_nonfinite_run_at_the_next_check(
 
     monkeypatch.setattr(loss_mod.DINOLoss, "forward", flaky)
     spec = load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [
             f"run.dir={tmp_path / 'runs'}", f"data.url={fmnist_shards}", "model.depth=1",
             "model.embed_dim=32", "model.num_heads=2", "model.out_dim=256",
@@ -376,7 +376,7 @@ def test_sync_free_train_raises_on_a_nonfinite_run_at_the_next_check(
 
 
 def test_performance_spec_defaults_and_errors(tmp_path: Path) -> None:
-    base = REPO / "jobs" / "quickstart.yaml"
+    base = REPO / "jobs" / "quickstart-vit.yaml"
     perf = load_spec(base).performance
     assert (perf.compile, perf.attention, perf.channels_last, perf.fused_optimizer) == (
         False, "sdpa", False, "auto",

@@ -43,7 +43,7 @@ STEP = 5
 
 def tiny_spec(run_dir: Path, shards: Path, *extra: str):
     return load_spec(
-        REPO / "jobs" / "quickstart.yaml",
+        REPO / "jobs" / "quickstart-vit.yaml",
         [f"run.dir={run_dir}", "run.name=vis", f"data.url={shards}", *TINY, *extra],
     )
 

@@ -217,8 +217,11 @@ def build_backbone(
             if bad in optional:
                 del optional[bad]
                 continue
-            if bad in required:
-                raise ValueError(f"timm model {name!r} does not take a {bad}") from err
+            if bad in required or bad in timm_kwargs:
+                raise ValueError(
+                    f"timm model {name!r} does not take a {bad} (model.{bad}: leave it out "
+                    "for this arch)"
+                ) from err
             raise
     if not getattr(model, "num_features", 0):
         raise ValueError(f"timm model {name!r} does not expose num_features")

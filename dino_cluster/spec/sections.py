@@ -107,6 +107,28 @@ class ModelSpec(_Section):
     # +0.1 offset) and cls/pos init (truncated normal 0.02), or timm's own ("timm").
     pos_embed_interpolation: Literal["reference", "timm"] = "reference"
 
+    @model_validator(mode="after")
+    def _vit_fields(self) -> ModelSpec:
+        # Checked here, without timm: otherwise a CNN given a ViT field fails only in the
+        # ranks, after submit, with timm's TypeError.
+        if self.arch.startswith(VIT_ARCH_PREFIXES):
+            return self
+        given = [f for f in ("patch_size", "depth", "embed_dim", "num_heads")
+                 if f in self.model_fields_set and getattr(self, f) is not None]  # fmt: skip
+        if given:
+            it = "it" if len(given) == 1 else "them"
+            raise ValueError(
+                f"{', '.join(given)}: only ViT archs ({', '.join(VIT_ARCH_PREFIXES)}...) take "
+                f"{it}; arch {self.arch!r} is not one: leave {it} out"
+            )
+        if "patch_size" not in self.model_fields_set:
+            self.patch_size = None  # the default 16 is a ViT's
+        return self
+
+
+# timm's ViT families that take patch_size, depth, embed_dim and num_heads
+VIT_ARCH_PREFIXES = ("vit_", "deit", "eva", "beit", "flexivit", "samvit")
+
 
 class CropsSpec(_Section):
     global_size: B.Side = 224
@@ -209,10 +231,10 @@ class DataSpec(_Section):
     max_image_pixels: Annotated[int, Field(gt=0, le=B.MAX_IMAGE_PIXELS)] = 64_000_000
     # Multi-crop implementation. reference: PIL + torchvision as the paper (default);
     # batched: same distributions, photometric ops batched per chunk in the data workers
-    # (~2-3x the reference per CPU core); fast: the reference's ops bit-exact per operation
-    # (compiled kernels, dino/augment/fast.py), all on the CPU (~3.5-4.5x); gpu: the CPU
-    # only decodes and crops (uint8), colour jitter, grayscale, blur, solarize and
-    # normalisation run batched on the training device.
+    # (~2x the reference per CPU core); fast: the reference's ops as compiled kernels, all
+    # bit-exact but hue (dino/augment/fast.py), all on the CPU (~3.3-4x); gpu: the CPU only
+    # decodes and crops (uint8), colour jitter, grayscale, blur, solarize and normalisation
+    # run batched on the training device.
     augment: Literal["reference", "batched", "fast", "gpu"] = "reference"
     storage: StorageSpec = StorageSpec()
 

@@ -82,10 +82,12 @@ def build_models(model: ModelSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
 
 
 def build_augment(crops: CropsSpec, augment: str) -> tuple[Any, Any]:
-    """(per-sample transform for the data stream, batched stage to run on the device or None)."""
-    from dino_cluster.dino.augment.batched import BatchedMultiCropAugment
-    from dino_cluster.dino.augment.reference import MultiCropAugment
+    """(per-sample transform for the data stream, batched stage to run on the device or None).
 
+    reference: the paper's PIL + torchvision ops per image; batched: both stages of
+    BatchedMultiCropAugment in the data workers; fast: both stages of FastMultiCropAugment
+    (compiled kernels) in the workers; gpu: FastMultiCropAugment's CPU stage (decode, crops,
+    draws) in the workers and its photometric stage batched on the training device."""
     kw: dict[str, Any] = dict(
         global_size=crops.global_size,
         local_size=crops.local_size,
@@ -94,11 +96,21 @@ def build_augment(crops: CropsSpec, augment: str) -> tuple[Any, Any]:
         local_scale=tuple(crops.local_scale),
     )
     if augment == "reference":
+        from dino_cluster.dino.augment.reference import MultiCropAugment
+
         return MultiCropAugment(**kw), None
-    aug = BatchedMultiCropAugment(**kw)
     if augment == "batched":
-        return aug, None
-    return aug.cpu_stage(), aug
+        from dino_cluster.dino.augment.batched import BatchedMultiCropAugment
+
+        return BatchedMultiCropAugment(**kw), None
+    if augment not in ("fast", "gpu"):
+        raise ValueError(f"data.augment: unknown value {augment!r}")
+    from dino_cluster.dino.augment.fast import FastMultiCropAugment
+
+    fast = FastMultiCropAugment(**kw)
+    if augment == "fast":
+        return fast, None
+    return fast.cpu_stage(), fast
 
 
 def precision(optim: OptimSpec, device: torch.device) -> tuple[torch.dtype | None, bool]:

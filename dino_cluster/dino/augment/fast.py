@@ -1,28 +1,35 @@
-"""The reference multi-crop recipe, bit-exact per operation, at several times its speed per core
-(`data.augment: fast`; its CPU stage also feeds `gpu`).
+"""The reference multi-crop recipe at several times its speed per core, every operation but
+one bit-exact (`data.augment: fast`; its CPU stage also feeds `gpu`).
 
 `FastMultiCropAugment` runs the same two stages as `batched.BatchedMultiCropAugment`, and
 emits the same parameter table, but every pixel operation is a compiled kernel
 (`fast_kernels`, numba) that does the reference's own arithmetic:
 
 - `per_sample(img)` (per image, in a data worker): JPEG decode with libjpeg-turbo through
-  simplejpeg (the same library and settings as PIL's decoder: identical pixels, ~0.7 ms
+  simplejpeg (the same library and settings as PIL's decoder: identical pixels, 0.65-0.8 ms
   instead of ~1.0 ms plus PIL's copy to numpy); PIL for other formats and as the fallback.
   One torch.rand call draws every crop's 36 uniforms (batched.py's layout), one kernel turns
   them into boxes and parameters, one transposes the image into planes and one resizes every
   box with PIL's fixed-point bicubic. Output: uint8 (3, S, S) crops + the float32 table.
-- `per_batch(stacked)`: on CPU tensors, the photometric kernel per crop (flip, colour jitter in
-  the crop's own op order, grayscale, Gaussian blur, solarize, to_tensor + Normalize); on an
-  accelerator, batched.py's torch ops (`photometric`), so `cpu_stage()` + `per_batch` on the
-  GPU is the `gpu` path with this faster CPU side.
+- `per_batch(stacked)`: on CPU tensors, the photometric kernel per crop index (flip, colour
+  jitter in the crop's own op order, grayscale, Gaussian blur, solarize, to_tensor +
+  Normalize); on an accelerator, batched.py's torch ops (`photometric`), so `cpu_stage()` +
+  `per_batch` on the GPU is the `gpu` path with this faster CPU side.
 
-Given the same crop box and parameters, the CPU output equals the reference's PIL +
-torchvision ops bit for bit (tests/test_augment_fast.py); the one documented exception is the
-resize's pass order: PIL's classic horizontal-then-vertical order is used, while Pillow 13
-sometimes runs the vertical pass first, which rounds the intermediate differently (up to 2
-levels on some pixels of those crops). What differs from the reference is only where the
-randomness comes from (torch's RNG, 36 uniforms per crop in batched.py's fixed order, instead
-of torch + Python's `random` interleaved), not what is drawn.
+Given the same crop box and parameters the CPU output equals the reference's PIL +
+torchvision ops bit for bit (tests/test_augment_fast.py), with two documented exceptions:
+
+- hue: by default batched_ops' float HSV rotation (`exact_hue=False`, the shift quantised as
+  the reference's; pixels a few levels from PIL's 8-bit HSV round trip), because PIL's exact
+  round trip (`exact_hue=True`, `fast_kernels.hue_`, checked on all 2**24 colours) costs 5.5x
+  more, ~0.8 ms per sample: 3.5x the reference instead of 4.0x (benchmarks/README.md).
+- resize pass order: PIL's classic horizontal-then-vertical order is used; Pillow 13 sometimes
+  runs the vertical pass first, which rounds the intermediate differently (up to 2 levels
+  on some pixels of those crops).
+
+What also differs from the reference is where the randomness comes from (torch's RNG, 36
+uniforms per crop in batched.py's fixed order, instead of torch + Python's `random`
+interleaved), not what is drawn.
 
 Kernels compile on first use (numba, ~10-20 s) and are cached on disk next to the module (or in
 NUMBA_CACHE_DIR), so later processes and forked data workers load them in well under a second.
@@ -63,7 +70,8 @@ def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
 class FastMultiCropAugment(BatchedMultiCropAugment):
     """PIL image -> [global1, global2, local_1 .. local_n] float CHW normalised (both stages);
     or `per_sample` (uint8 crops + parameters) and `per_batch` (stacked -> float crops).
-    Arguments as `BatchedMultiCropAugment`; `use_simplejpeg=False` decodes with PIL only."""
+    Arguments as `BatchedMultiCropAugment`; `use_simplejpeg=False` decodes with PIL only,
+    `exact_hue=True` runs PIL's 8-bit HSV round trip for hue (bit-exact, slower)."""
 
     def __init__(
         self,
@@ -79,7 +87,7 @@ class FastMultiCropAugment(BatchedMultiCropAugment):
         generator: torch.Generator | None = None,
         tune_malloc: bool = True,
         use_simplejpeg: bool = True,
-        exact_hue: bool = True,
+        exact_hue: bool = False,
     ) -> None:
         super().__init__(global_size, local_size, n_local, global_scale, local_scale, mean, std,
                          draft=draft, generator=generator, tune_malloc=tune_malloc)  # fmt: skip
@@ -91,12 +99,20 @@ class FastMultiCropAugment(BatchedMultiCropAugment):
         self._low_np = self._low.numpy().astype(np.float32)
         self._span_np = self._span.numpy().astype(np.float32)
         self._lut = normalize_lut(self.mean, self.std)
+        self._buffers: dict[str, np.ndarray] = {}
         # crop indices per output size, in view order (global1, global2 | locals)
         self._groups: dict[int, list[int]] = {}
         for i, v in enumerate(self.views):
             self._groups.setdefault(v.size, []).append(i)
 
     # -- stage 1: per sample ------------------------------------------------------------------
+    def _scratch(self, name: str, size: int) -> np.ndarray:
+        """A uint8 buffer of `size` bytes reused from sample to sample (never returned)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(max(size, 1 << 20), np.uint8)
+        return buf[:size]
+
     def _decode(self, img: Image.Image) -> np.ndarray:
         """(H, W, 3) uint8 C-contiguous pixels of `img`, decoded at the draft scale."""
         k = self._draft_factor(*img.size) if self.draft else 1
@@ -105,8 +121,12 @@ class FastMultiCropAugment(BatchedMultiCropAugment):
             width, height = img.size
             # the smallest DCT scale at least size / k: 1/k, as PIL's draft picks
             size = dict(min_width=-(-width // k), min_height=-(-height // k)) if k > 1 else {}
+            out_w, out_h = -(-width // k), -(-height // k)
             try:
-                return simplejpeg.decode_jpeg(data, colorspace="rgb", **size)
+                # into a buffer kept between samples: its pages stay mapped and cached
+                # (measured: the transpose that reads it 0.31 ms instead of 0.38)
+                buf = self._scratch("decode", out_w * out_h * 3)
+                return simplejpeg.decode_jpeg(data, colorspace="rgb", buffer=buf, **size)
             except ValueError:
                 pass  # CMYK, arithmetic coding, a recoverable libjpeg warning: let PIL decide
         img = self._prepare(img)
@@ -133,7 +153,7 @@ class FastMultiCropAugment(BatchedMultiCropAugment):
         hwc = self._decode(img)
         height, width = hwc.shape[:2]
         boxes, params = self.draw_numpy(width, height)
-        planes = np.empty((3, width, height), np.uint8)
+        planes = self._scratch("planes", 3 * width * height).reshape(3, width, height)
         K.transpose_to_planes(hwc, planes)
         out: list[Tensor | None] = [None] * self.n_crops
         for size, idx in self._groups.items():
@@ -190,4 +210,6 @@ def _pending_jpeg_bytes(img: Image.Image) -> bytes | None:
     fp = getattr(img, "fp", None)
     if img.format != "JPEG" or not getattr(img, "tile", None) or not isinstance(fp, io.BytesIO):
         return None
+    if img.mode not in ("RGB", "L"):
+        return None  # CMYK / YCCK: PIL's own conversion to RGB is the reference's
     return fp.getvalue()
