@@ -286,7 +286,8 @@ def run_one(
         "evaluation.enabled=false",
         *(TINY_MODEL if args.tiny_model else []),
     ]
-    cmd = [sys.executable, "-m", "dino_cluster.cli", "submit", str(REPO / "jobs/quickstart.yaml")]
+    job = REPO / "jobs" / "quickstart-vit.yaml"  # a ViT: the model the scaling figures are for
+    cmd = [sys.executable, "-m", "dino_cluster.cli", "submit", str(job)]
     cmd += [a for s in sets for a in ("--set", s)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)

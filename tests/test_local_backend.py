@@ -182,7 +182,13 @@ def test_ctrl_c_in_the_foreground_cancels(tmp_path: Path, fmnist_shards: Path) -
     to checkpoint and stop, and submit keeps following until the run has stopped."""
     spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, LONG)
     run_dir = spec.run_dir
-    cmd = [sys.executable, "-m", "dino_cluster.cli", "submit", str(REPO / "jobs/quickstart.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dino_cluster.cli",
+        "submit",
+        str(REPO / "jobs/quickstart-vit.yaml"),
+    ]
     for item in [f"run.dir={tmp_path / 'runs'}", f"data.url={fmnist_shards}", *TINY, *TWO_RANKS]:
         cmd += ["--set", item]
     cmd += ["--set", LONG]
