@@ -30,7 +30,9 @@ from dino_cluster.launch.run_record import read_record
 from dino_cluster.spec import JobSpec
 
 TWO_RANKS = ["launcher.procs_per_node=2", "optim.global_batch=16", "checkpoint.every_steps=2"]
-LONG = "optim.max_steps=2000"  # far more than a test waits for: it is stopped or killed
+# Far more than a test waits for (it is stopped or killed): 2,000 steps, and epochs enough
+# that the epoch count does not end the run first.
+LONG = ["optim.epochs=100", "optim.max_steps=2000"]
 
 
 def _wait(cond: Callable[[], object], timeout_s: float, what: str, alive=None):  # noqa: ANN001, ANN202
@@ -116,7 +118,7 @@ def test_a_killed_rank_stops_the_others(tmp_path: Path, fmnist_shards: Path, sur
     is failed, naming rank 1 and its signal. `frozen`: rank 0 is SIGSTOPped first, so it
     cannot act on the agent's SIGTERM (as a rank blocked in a collective with a dead peer);
     the supervisor still gets rid of it in time."""
-    spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, LONG)
+    spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, *LONG)
     run_dir = spec.run_dir
     pid = _started(spec)
     try:
@@ -151,7 +153,7 @@ def test_stopping_a_run_checkpoints_and_leaves_nothing(
     """`cancel` (SIGTERM to the supervisor, forwarded by torch's agent) and a supervisor
     killed outright (the kernel sends each rank SIGTERM): the ranks write a checkpoint at
     the step they stop at, exit 3, and nothing is left running."""
-    spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, LONG)
+    spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, *LONG)
     run_dir = spec.run_dir
     pid = _started(spec)
     try:
@@ -180,7 +182,7 @@ def test_stopping_a_run_checkpoints_and_leaves_nothing(
 def test_ctrl_c_in_the_foreground_cancels(tmp_path: Path, fmnist_shards: Path) -> None:
     """`dino-cluster submit` in the foreground follows rank 0's log; Ctrl-C asks the ranks
     to checkpoint and stop, and submit keeps following until the run has stopped."""
-    spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, LONG)
+    spec = tiny_spec(tmp_path, fmnist_shards, *TWO_RANKS, *LONG)
     run_dir = spec.run_dir
     cmd = [
         sys.executable,
@@ -191,7 +193,8 @@ def test_ctrl_c_in_the_foreground_cancels(tmp_path: Path, fmnist_shards: Path) -
     ]
     for item in [f"run.dir={tmp_path / 'runs'}", f"data.url={fmnist_shards}", *TINY, *TWO_RANKS]:
         cmd += ["--set", item]
-    cmd += ["--set", LONG]
+    for item in LONG:
+        cmd += ["--set", item]
     out = tmp_path / "submit.out"
     with open(out, "wb") as fh:
         # Its own group, so the SIGINT below reaches the CLI only, as a terminal's would.
