@@ -87,6 +87,10 @@ class RunSpec(_Section):
         return v
 
 
+# timm's ViT families that take patch_size, depth, embed_dim and num_heads
+VIT_ARCH_PREFIXES = ("vit_", "deit", "eva", "beit", "flexivit", "samvit")
+
+
 class ModelSpec(_Section):
     arch: str = "vit_small_patch16_224"  # any timm model name
     # Bounds: dino_cluster/spec/bounds.py (each sizes weights or activations).
@@ -124,10 +128,6 @@ class ModelSpec(_Section):
         if "patch_size" not in self.model_fields_set:
             self.patch_size = None  # the default 16 is a ViT's
         return self
-
-
-# timm's ViT families that take patch_size, depth, embed_dim and num_heads
-VIT_ARCH_PREFIXES = ("vit_", "deit", "eva", "beit", "flexivit", "samvit")
 
 
 class CropsSpec(_Section):
